@@ -2,6 +2,10 @@
 
 A checkpoint is written to `checkpoints/step-N.tmp`, renamed into place, and only then named in `checkpoints/latest`
 (itself replaced atomically): a run killed at any instant leaves the previous checkpoint intact and loadable.
+
+A multi-process run's checkpoint holds every process's RNG state. Resumed on the same number of processes it
+continues exactly; on another number, the processes it did not have are re-seeded (training continues correctly,
+but its samples differ from an uninterrupted run). LoRA runs save only their adapters.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep: int,
+    rng: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """`rng`: the RNG state of every process, in rank order (default: this process's)."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
@@ -50,7 +56,7 @@ def save_checkpoint(
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or [rng_state()]},
         tmp / "training_state.pt",
     )
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
@@ -72,19 +78,37 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimiser, scheduler and RNG in place; return the trainer state (step, data cursor...)."""
-    from safetensors.torch import load_model
+def load_checkpoint(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0, world: int = 1
+) -> dict[str, Any]:
+    """Restore weights (or LoRA adapters), optimiser, scheduler and this process's RNG in place; return the trainer
+    state (step, data cursor...)."""
+    from safetensors.torch import load_file, load_model
 
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
+    if (path / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {path} does not fit the adapters (unexpected {result.unexpected_keys})")
+    else:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
     blob = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+    states = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]  # a dict: single-process checkpoints
+    state = json.loads((path / "trainer_state.json").read_text())
+    if len(states) == world:
+        set_rng_state(states[rank])
+    else:  # another process count: no exact continuation of the samples exists; seed each process apart
+        seed = int(state["step"]) * 1_000_003 + rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+    return state
 
 
 def _write_atomic(path: Path, text: str) -> None:

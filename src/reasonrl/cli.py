@@ -1,4 +1,4 @@
-"""Command line: `reasonrl train`, `reasonrl eval` and `reasonrl pool`.
+"""Command line: `reasonrl train`, `eval`, `pool`, `export`, `compare` and `report`.
 
 Only the standard library is imported at module level so that `reasonrl --help` answers at once; torch and
 transformers load when a command runs. User errors print one line and exit 2, with no traceback.
@@ -7,6 +7,7 @@ transformers load when a command runs. User errors print one line and exit 2, wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_argument("-n", type=int, default=5, help="rows of the problem and entry tables (default 5)")
     pool.add_argument("--json", action="store_true", help="print summary, problems and entries as one JSON object")
 
+    exp = sub.add_parser("export", help="merge a LoRA run's adapters into its base model: a plain transformers model")
+    exp.add_argument("source", metavar="RUN_DIR", help="a LoRA run directory (its final model or latest checkpoint) "
+                     "or an adapter directory (a checkpoint)")  # fmt: skip
+    exp.add_argument("--out", required=True, metavar="DIR", help="directory for the merged model and tokenizer")
+
     from reasonrl import compare
 
     cmp = sub.add_parser(
@@ -145,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _quiet_libraries()
     try:
-        cmds = {"train": cmd_train, "eval": cmd_eval, "pool": cmd_pool, "compare": cmd_compare, "report": cmd_report}
+        cmds = {
+            "train": cmd_train, "eval": cmd_eval, "pool": cmd_pool, "export": cmd_export, "compare": cmd_compare,
+            "report": cmd_report,
+        }  # fmt: skip
         return cmds[args.command](args)
     except UserError as e:
         print(f"reasonrl: error: {e}", file=sys.stderr)
@@ -177,6 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from reasonrl.trainer import finished_state, new_run_dir, resume_config, reward_spec, run_training
 
     console = _console()
+    if int(os.environ.get("RANK", "0")) > 0:  # multi-process launch: process 0 speaks for the run
+        console.quiet = True
     if args.resume:
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, args.config, args.overrides)
@@ -219,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
     ]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=console.quiet) as progress:
         summary = run_training(cfg, run_dir, resume=bool(args.resume), console=console, progress=progress)
     before = summary.get("eval_before", {}).get("eval/accuracy")
     after = summary["eval_after"]["eval/accuracy"]
@@ -405,6 +416,27 @@ def cmd_pool(args: argparse.Namespace) -> int:
         row = (escape(e.problem_id), _clip(e.problem, 40), e.mode, str(e.step), f"{e.reward:g}", _clip(e.response, 80))
         sample.add_row(*row)
     console.print(sample)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge LoRA adapters into their base model (recorded in adapter_config.json) and save it with the tokenizer."""
+    import torch
+
+    from reasonrl.config import ModelConfig, load_config
+    from reasonrl.models import merged_lora_model
+
+    src = Path(args.source)
+    adapters = Path(_model_path(str(src), None)) if (src / "config.yaml").exists() else src
+    if not (adapters / "adapter_config.json").is_file():
+        raise UserError(f"{adapters} holds no LoRA adapters (adapter_config.json); only lora.enabled runs need export")
+    model_cfg = load_config(src / "config.yaml").model if (src / "config.yaml").exists() else ModelConfig()
+    dtype = torch.float32 if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
+    model, tokenizer = merged_lora_model(adapters, model_cfg, dtype)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged {adapters} into its base model → {out} (load with transformers' AutoModelForCausalLM)")
     return 0
 
 

@@ -203,6 +203,31 @@ class TrainConfig:
     log_completions: bool = _opt(
         True, "write every sampled completion, its context mode and prompt to completions.jsonl"
     )
+    # GPU path (docs/scale-out.md); the defaults are exact float32 on the CPU.
+    mixed_precision: Literal["no", "bf16", "fp16"] = _opt(
+        "no", "autocast of the loss passes through accelerate (fp16 adds loss scaling); weights keep model.dtype"
+    )
+    logprob_chunk: int = _opt(
+        0, "tokens per chunk of the memory-efficient log-prob kernel (no float32 copy of all logits); 0 = plain", ge=0
+    )
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
+    ref_offload: bool = _opt(False, "keep the reference model (beta > 0) on the CPU between its passes")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA / QLoRA adapters through peft: only the adapters train, checkpoints hold only them."""
+
+    enabled: bool = _opt(False, "train LoRA adapters instead of all weights")
+    r: int = _opt(16, "adapter rank", ge=1)
+    alpha: float = _opt(32.0, "adapter scale numerator (scale = alpha / r)", gt=0)
+    dropout: float = _opt(0.0, "dropout on the adapter input", ge=0, le=1)
+    target_modules: list[str] = _opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names that get adapters"
+    )
+    quantize: Literal["none", "4bit", "8bit"] = _opt(
+        "none", "QLoRA: base weights quantised by bitsandbytes (CUDA only); none = full-precision base"
+    )
 
 
 @dataclass
@@ -223,6 +248,7 @@ class Config:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:

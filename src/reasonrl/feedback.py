@@ -149,6 +149,15 @@ class FeedbackBuilder:
         """`write_lessons(prompts) -> [(lesson text, generated tokens)]` is a batched greedy call of the policy."""
         self.pool, self.cfg, self.templates = pool, lanpo, templates
         self.count_tokens, self.truncate, self.write_lessons = count_tokens, truncate, write_lessons
+        # Lessons written this step, not yet in the pool: the trainer stores them with the step's rollouts (one
+        # process owns the pool), so within a step every process reads the pool as it was after the last step.
+        self.new_lessons: dict[str, tuple[str, int]] = {}
+
+    def take_new_lessons(self) -> list[tuple[str, str, int]]:
+        """(cache key, lesson, step) of the lessons written since the last call, for the pool."""
+        out = [(key, text, step) for key, (text, step) in self.new_lessons.items()]
+        self.new_lessons = {}
+        return out
 
     def build(self, problems: list[Problem], group_size: int, step: int) -> tuple[list[Rollout], FeedbackStats]:
         """Prompts of every rollout, problem-major (group i is [i*G, (i+1)*G)); `step` is the step being sampled."""
@@ -196,7 +205,7 @@ class FeedbackBuilder:
             stats.similarities += [s for _, s in near]
             ids = sorted(pid for pid, _ in near)
             key = p.id + "|" + hashlib.sha1("\x00".join(ids).encode()).hexdigest()[:16]
-            cached = self.pool.get_lesson(key)
+            cached = self.new_lessons[key][0] if key in self.new_lessons else self.pool.get_lesson(key)
             if cached is not None:
                 stats.lessons_cached += 1
                 found[p.id] = cached
@@ -212,6 +221,6 @@ class FeedbackBuilder:
                 text = text.strip()
                 stats.lessons_generated += 1
                 stats.lesson_tokens += n_tokens
-                self.pool.put_lesson(key, text, step)
+                self.new_lessons[key] = (text, step)
                 found[pid] = text
         return found

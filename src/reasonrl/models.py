@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from reasonrl.config import Config, ModelConfig
+from reasonrl.config import Config, LoraConfig, ModelConfig
 from reasonrl.errors import UserError
 
 
@@ -66,9 +67,13 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
 
 
 def load_pretrained(path: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(model, tokenizer) from a local directory or hub name; errors become one-line user errors."""
+    """(model, tokenizer) from a local directory or hub name; errors become one-line user errors. A directory of
+    LoRA adapters (a LoRA run's `model/` or checkpoint) loads its base model with the adapters merged in."""
     from transformers import AutoModelForCausalLM
 
+    if (Path(path) / "adapter_config.json").is_file():
+        model, tokenizer = merged_lora_model(path, cfg, dtype)
+        return model.to(device), tokenizer
     try:
         tokenizer = _load_tokenizer(path, cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
@@ -81,16 +86,72 @@ def load_pretrained(path: str, cfg: ModelConfig, device: torch.device, dtype: to
     return model.to(device), tokenizer
 
 
+def apply_lora(model: Any, lora: LoraConfig, base_path: str) -> Any:
+    """Wrap `model` in peft LoRA adapters (only they train); `base_path` is recorded so the adapters can be merged
+    back into their base later (`reasonrl export`)."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_path,
+    )
+    try:
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, config)
+    except ValueError as e:  # e.g. no module matches target_modules
+        raise UserError(f"lora: {str(e).splitlines()[0]} (set lora.target_modules)") from None
+
+
+def quantization_config(lora: LoraConfig, device: torch.device) -> Any:
+    """bitsandbytes settings of a QLoRA base model (`lora.quantize`), or None."""
+    if not lora.enabled or lora.quantize == "none":
+        return None
+    if device.type != "cuda":
+        raise UserError(f"lora.quantize={lora.quantize} (QLoRA) needs a CUDA GPU; use lora.quantize=none on {device}")
+    from transformers import BitsAndBytesConfig
+
+    if lora.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def merged_lora_model(adapter_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(base model with the adapters of `adapter_dir` merged in, tokenizer): a plain transformers model."""
+    import peft
+
+    base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}: adapter_config.json names no base model (base_model_name_or_path)")
+    model, tokenizer = load_pretrained(base, cfg, torch.device("cpu"), dtype)
+    model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return model, tokenizer
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def load_policy(cfg: Config, problems: list, console: Any = None) -> tuple[Any, Any, torch.device]:
-    """(model, tokenizer, device) for training: the warm-started tiny model or a pretrained one."""
-    device = resolve_device(cfg.model.device)
+def load_policy(
+    cfg: Config, problems: list, console: Any = None, device: torch.device | None = None
+) -> tuple[Any, Any, torch.device]:
+    """(model, tokenizer, device) for training: the warm-started tiny model or a pretrained one, with LoRA adapters
+    when `lora.enabled`. `device`: the process's device under a multi-process launch (default: `model.device`)."""
+    device = device or resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     if cfg.model.name != "tiny":
-        model, tokenizer = load_pretrained(cfg.model.name, cfg.model, device, dtype)
+        model, tokenizer = _load_base(cfg, device, dtype)
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora, cfg.model.name)
         return model, tokenizer, device
     from reasonrl.warmstart import tiny_policy
 
@@ -103,5 +164,30 @@ def load_policy(cfg: Config, problems: list, console: Any = None) -> tuple[Any, 
             if step % max(1, total // 5) == 0 or step == total:
                 console.print(f"  warm-start step {step}/{total}  loss {loss:.3f}")
 
-    model, tokenizer, _ = tiny_policy(cfg, problems, device, progress)
-    return model.to(dtype), tokenizer, device
+    model, tokenizer, path = tiny_policy(cfg, problems, device, progress)
+    model = model.to(dtype)
+    if cfg.lora.enabled:
+        if path is None:
+            raise UserError("lora with the tiny model needs its cached warm-start as the base: set warmstart.steps > 0")
+        model = apply_lora(model, cfg.lora, str(path.resolve()))
+    return model, tokenizer, device
+
+
+def _load_base(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A pretrained policy; a QLoRA base is quantised while it loads (bitsandbytes places it on the GPU itself)."""
+    quant = quantization_config(cfg.lora, device)
+    if quant is None:
+        return load_pretrained(cfg.model.name, cfg.model, device, dtype)
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.name, dtype=dtype, quantization_config=quant, device_map={"": device},
+        trust_remote_code=cfg.model.trust_remote_code,
+    )  # fmt: skip
+    checkpointing = cfg.train.gradient_checkpointing
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing), tokenizer

@@ -202,7 +202,10 @@ class ExperiencePool:
         max_per_problem: int = 8,
         max_size: int = 1_000_000,
         search_budget: int = 10_000,
+        read_only: bool = False,
     ) -> None:
+        """`read_only`: a reader of a pool another process owns (multi-process training); SQLite refuses its writes
+        and WAL lets it read while the owner writes."""
         if max_per_problem < 1 or max_size < 1:
             raise ValueError(f"max_per_problem and max_size must be >= 1, got {max_per_problem}, {max_size}")
         self.path = Path(path)
@@ -219,7 +222,11 @@ class ExperiencePool:
         except sqlite3.OperationalError as err:
             self._db.close()
             raise RuntimeError("the LANPO experience pool needs an SQLite build with FTS5") from err
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=60000")  # wait for the owner's write transaction instead of failing
+        if read_only:
+            self._db.execute("PRAGMA query_only=ON")
+        else:
+            self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB: the live indexes of a 1M-entry pool stay cached
         self._db.execute("PRAGMA temp_store=MEMORY")

@@ -306,9 +306,23 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device) -> 
     return ids.to(device), real.to(device), torch.tensor(which, dtype=torch.long, device=device)
 
 
+def _bare(model: Any) -> Any:
+    """The model inside a DDP / FSDP wrapper (which has no `config`), else the model itself."""
+    return getattr(model, "module", model)
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether HF activation (gradient) checkpointing is on; the property's name changed in transformers 5."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        value = getattr(model, name, None)  # (a peft wrapper forwards the attribute to its model)
+        if value is not None:
+            return bool(value)
+    return False
+
+
 def _mask(model: Any, allowed: Tensor) -> Tensor:
     """A ready 4-D attention mask from `allowed` (bool, True = attend): boolean for sdpa, additive for eager."""
-    if model.config._attn_implementation == "eager":
+    if _bare(model).config._attn_implementation == "eager":
         dtype = next(model.parameters()).dtype
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return additive.masked_fill(~allowed, torch.finfo(dtype).min)
@@ -364,7 +378,9 @@ def completion_logits(
     those of running every prompt + completion as one sequence, up to float rounding. Generic path: exactly that,
     prompts left-padded in front of their completions."""
     N, T = completions.shape
-    if not fast_forward_supported(model):
+    bare = _bare(model)  # `model` may be a data-parallel wrapper: it runs the passes, the bare model describes them
+    # (HF gradient checkpointing turns the shared-prefix cache off while training: then run whole sequences)
+    if not fast_forward_supported(bare) or (bare.training and _checkpointing(bare)):
         ids = torch.cat([prompt_ids[which], completions], dim=1)
         attention = torch.cat([prompt_mask[which], torch.ones_like(completions, dtype=torch.bool)], dim=1).long()
         out = model(

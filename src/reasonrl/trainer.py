@@ -4,6 +4,10 @@ One step, in data-flow order (DEVELOPERS.md):
     problems → prompts → rollout → rewards → advantages → loss → update → logs / checkpoint
 Each stage is timed; everything a resumed run needs (weights, optimiser, scheduler, RNG, data cursor) is in the
 checkpoint, and the metrics log is cut back to the checkpoint's step on resume, so a killed run resumes exactly.
+
+Under a multi-process launch (`distributed.py`) every process draws the same global batch, rolls out and scores its
+own share of whole groups, and the update is data-parallel; process 0 alone evaluates, logs, checkpoints and writes
+the LANPO pool, from records gathered from every process.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,12 +28,14 @@ import torch
 from torch import Tensor
 
 from reasonrl import algorithms
-from reasonrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from reasonrl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from reasonrl.config import Config, config_diff, load_config
 from reasonrl.data import Problem
+from reasonrl.distributed import Processes, agree, runs_on_cpu
 from reasonrl.errors import UserError
 from reasonrl.evaluate import evaluate
-from reasonrl.feedback import MODES, FeedbackBuilder, Rollout, templates_for
+from reasonrl.feedback import MODES, FeedbackBuilder, FeedbackStats, Rollout, templates_for
+from reasonrl.logprobs import selected_logprobs
 from reasonrl.metrics import MetricsLogger, StageTimer
 from reasonrl.models import load_policy
 from reasonrl.pool import ExperiencePool, PoolEntry
@@ -206,21 +215,15 @@ def strip_contexts(
 
 
 def token_logprobs(
-    model: Any, mb: MicroBatch, temperature: float, with_entropy: bool = False
+    model: Any, mb: MicroBatch, temperature: float, with_entropy: bool = False, chunk: int = 0
 ) -> tuple[Tensor, Tensor | None]:
     """log π(target token) at every target column, from logits scaled by the sampling temperature.
 
     Each distinct prompt of the micro-batch runs once and its completions attend to its keys and values
-    (`rollout.completion_logits`): the same log-probs as one pass per prompt + completion, up to float rounding."""
+    (`rollout.completion_logits`): the same log-probs as one pass per prompt + completion, up to float rounding.
+    `chunk` > 0 uses the memory-efficient kernel (`logprobs.py`, `train.logprob_chunk`)."""
     logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets)
-    logits = logits.float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    return selected_logprobs(logits, mb.targets, temperature, chunk, with_entropy)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,15 +234,28 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, console: Any = None) -> None:
         self.cfg, self.run_dir, self.console = cfg, run_dir, console
         algorithms.get_advantage(cfg.algorithm.advantage)  # fail fast on a typo, before any model work
-        self.problems, self.eval_problems = load_training_data(cfg)
-        self.model, self.tokenizer, self.device = load_policy(cfg, self.problems, console)
+        a, t = cfg.algorithm, cfg.train
+        self.procs = procs = Processes(t.mixed_precision, cpu=runs_on_cpu(cfg.model.device))
+        if procs.world > 1 and cfg.model.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"model.device={cfg.model.device} names one device; use auto under a multi-process launch")
+        with procs.accelerator.main_process_first():  # process 0 builds (and caches) the warm-start, then the others
+            self.problems, self.eval_problems = load_training_data(cfg)
+            device = procs.device if procs.world > 1 else None
+            self.model, self.tokenizer, self.device = load_policy(cfg, self.problems, console, device)
+        if t.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rewards = build_rewards(cfg, self.tokenizer)
         self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, batch_size=cfg.rollout.batch_size)
         self.ref_model = None
-        if cfg.algorithm.beta > 0:  # k3 KL against the policy as it was before RL; never loaded when beta = 0
+        if a.beta > 0 and not cfg.lora.enabled:  # k3 KL against the policy before RL; LoRA: the adapter-free base
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        a, t = cfg.algorithm, cfg.train
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+            if t.ref_offload:
+                self.ref_model.to("cpu")
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        # `train_model` is what the loss runs through (accelerate's DDP / FSDP / autocast wrapper, or the model
+        # itself); generation, evaluation and checkpoints use the bare `model`, which shares its parameters.
+        self.train_model, self.optimizer = procs.prepare(self.model, optimizer)
         total = max(1, t.steps * a.num_iterations)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(t.lr_schedule, t.warmup_steps, total)
@@ -251,33 +267,40 @@ class Trainer:
         self.sampling = SamplingParams(
             cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k
         )
-        if not resume:
+        if not resume and procs.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.yaml")
         ckpt = latest_checkpoint(run_dir) if resume else None
         if resume and ckpt is None:
             raise UserError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
-        torch.manual_seed(t.seed)  # RL starts from the same RNG state whether or not the warm-start was cached
+        # RL starts from the same RNG state whether or not the warm-start was cached; processes sample differently
+        torch.manual_seed(t.seed + procs.rank)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, procs.rank, procs.world)
             self.step, self.stream.cursor = state["step"], state["cursor"]
             self.elapsed, self.tokens_total = state.get("elapsed_seconds", 0.0), state.get("tokens_total", 0)
         self.pool, self.feedback = None, None
         if a.lanpo.enabled:
             self.pool, self.feedback = self._open_pool(resume)
-        self.logger = MetricsLogger(run_dir, tensorboard=t.tensorboard, resume_step=self.step if resume else None)
+        self.logger = None
+        if procs.is_main:
+            self.logger = MetricsLogger(run_dir, tensorboard=t.tensorboard, resume_step=self.step if resume else None)
 
     def _open_pool(self, resume: bool) -> tuple[ExperiencePool, FeedbackBuilder]:
         """The run's experience pool (SPEC §5), rolled back to the checkpoint's step on resume so nothing written
         after it (rollouts, evictions, lessons) survives a kill; and the prompt builder that reads it."""
-        lanpo = self.cfg.algorithm.lanpo
-        pool = ExperiencePool(
-            self.run_dir / "pool.sqlite", max_per_problem=lanpo.pool_max_per_problem, max_size=lanpo.pool_max_size
-        )
-        if resume:
-            pool.rollback(self.step)
-        elif pool.stats()["size"] > 0:
-            raise UserError(f"{self.run_dir / 'pool.sqlite'} already has entries; start a new run directory")
+        lanpo, procs = self.cfg.algorithm.lanpo, self.procs
+        with procs.accelerator.main_process_first():  # process 0 owns the pool; the others only read it
+            pool = ExperiencePool(
+                self.run_dir / "pool.sqlite",
+                max_per_problem=lanpo.pool_max_per_problem,
+                max_size=lanpo.pool_max_size,
+                read_only=not procs.is_main,
+            )
+            if resume and procs.is_main:
+                pool.rollback(self.step)
+            elif not resume and pool.stats()["size"] > 0:
+                raise UserError(f"{self.run_dir / 'pool.sqlite'} already has entries; start a new run directory")
         tok = self.tokenizer
 
         def ids(text: str) -> list[int]:
@@ -309,22 +332,23 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        cfg, a = self.cfg, self.cfg.algorithm
+        cfg, a, procs = self.cfg, self.cfg.algorithm, self.procs
         timer = StageTimer()
         step_start = time.perf_counter()
         G, P = cfg.rollout.group_size, cfg.rollout.prompts_per_step
 
-        # problems → prompts (LANPO feedback) → rollout → rewards (repeated by DAPO dynamic sampling until full)
+        # problems → prompts (LANPO feedback) → rollout → rewards (repeated by DAPO dynamic sampling until full).
+        # Every process draws the same global batch from the stream and rolls out its own share of whole groups.
         step_no = self.step + 1
         problems: list[Problem] = []
         rollouts: list[Rollout] = []
         completions: list[Completion] = []
         rewards, correct, reward_metrics, scored = [], [], [], []
-        zero_std_first_round, rounds = None, 0
+        zero_std_first_round, rounds, kept = None, 0, 0
         self.lesson_seconds, feedback_stats = 0.0, []
-        while len(problems) < P:
+        while kept < P:
             with timer.stage("prompts"):
-                batch = self.stream.take(P - len(problems))
+                batch = procs.shard(self.stream.take(P - kept))
                 if self.feedback is None:
                     plan = [Rollout(p, "scratch", p.prompt) for p in batch for _ in range(G)]
                 else:
@@ -332,20 +356,25 @@ class Trainer:
                     feedback_stats.append(stats)
                 prompts = self._prompt_ids([r.text for r in plan])
             with timer.stage("generation"):
-                if self.feedback is None:  # identical prompts per group: let the engine share them (n = G)
+                if not batch:
+                    comps = []
+                elif self.feedback is None:  # identical prompts per group: let the engine share them (n = G)
                     comps = self.engine.generate(prompts[::G], G, self.sampling)
                 else:
                     comps = self.engine.generate(prompts, 1, self.sampling)
             with timer.stage("reward"):
                 out = self.rewards(
                     [p.prompt for p in batch for _ in range(G)], [c.text for c in comps], _columns(batch, G)
-                )
-            reward_metrics.append(out.metrics)
-            scored += zip(plan, comps, out.total, strict=True)
+                ) if batch else None  # fmt: skip
+            totals = out.total if out is not None else []
+            if out is not None:
+                reward_metrics.append(out.metrics)
+            scored += zip(plan, comps, totals, strict=True)
             keep = [True] * len(batch)
-            group_std = torch.tensor(out.total).view(len(batch), G).std(-1) if G > 1 else torch.zeros(len(batch))
+            group_std = torch.tensor(totals).view(len(batch), G).std(-1) if G > 1 else torch.zeros(len(batch))
             if zero_std_first_round is None:
-                zero_std_first_round = float((group_std == 0).float().mean())
+                zero_std = procs.gather((group_std == 0).tolist())
+                zero_std_first_round = sum(zero_std) / max(len(zero_std), 1)
             if a.dynamic_sampling:
                 keep = (group_std > 0).tolist()
             for i, p in enumerate(batch):
@@ -353,26 +382,34 @@ class Trainer:
                     problems.append(p)
                     rollouts += plan[i * G : (i + 1) * G]
                     completions += comps[i * G : (i + 1) * G]
-                    rewards += out.total[i * G : (i + 1) * G]
-                    correct += (out.correct or [False] * len(comps))[i * G : (i + 1) * G]
+                    rewards += totals[i * G : (i + 1) * G]
+                    correct += ((out.correct if out else None) or [False] * len(comps))[i * G : (i + 1) * G]
+            kept += round(procs.sum(sum(keep)))
             rounds += 1
             if not a.dynamic_sampling or rounds > a.max_resample:
                 break
-        metrics: dict[str, float] = {"dynamic_sampling/rounds": rounds, "groups": len(problems)}
+        metrics: dict[str, float] = {"dynamic_sampling/rounds": rounds, "groups": kept}
         # every token this step generated, kept or not: rollouts of dropped groups and LANPO's lessons count too,
         # so that a token budget charges each method for all the generation it did
-        metrics["tokens/sampled"] = float(
+        metrics["tokens/sampled"] = procs.sum(
             sum(len(c.token_ids) for _, c, _ in scored) + sum(s.lesson_tokens for s in feedback_stats)
         )
         if self.lesson_seconds:  # lesson writing ran inside prompt building: report it as its own stage
             timer.seconds["prompts"] -= self.lesson_seconds
             timer.seconds["abstraction"] += self.lesson_seconds
         if self.feedback is not None:
-            metrics.update(_feedback_metrics(feedback_stats, rollouts, rewards, correct))
-        if not problems:  # dynamic sampling found no informative group: nothing to learn from this step
+            metrics.update(
+                _feedback_metrics(
+                    procs.gather(feedback_stats),
+                    procs.gather([(r.mode, r.context_tokens) for r in rollouts]),
+                    procs.gather(rewards),
+                    procs.gather(correct),
+                )
+            )
+        if kept == 0:  # dynamic sampling found no informative group: nothing to learn from this step
             self._record(scored, step_no, timer)
-            metrics["time/step"] = time.perf_counter() - step_start  # the budget counts this step's time too
-            return {**metrics, **timer.metrics(), **_merge_reward_metrics(reward_metrics)}
+            metrics["time/step"] = procs.max(time.perf_counter() - step_start)  # the budget counts this step too
+            return {**metrics, **timer.metrics(), **_merge_reward_metrics(procs.gather([reward_metrics]))}
 
         # advantages (per sequence, from the registry); LANPO may score each mode of a group on its own
         with timer.stage("advantages"):
@@ -381,10 +418,12 @@ class Trainer:
             if self.feedback is not None and a.lanpo.advantage_scope == "mode":
                 group_ids = group_ids * len(MODES) + torch.tensor([MODES.index(r.mode) for r in rollouts])
             diagnostics: dict[str, float] = {}  # filled by estimators that have some (LamPO's pair weights)
-            context = {**self.advantage_context(completions), "diagnostics": diagnostics}
-            options = algorithms.advantage_options(a.advantage, context)
-            advantages = algorithms.compute_advantages(a.advantage, reward_t, group_ids, **options)
-            metrics.update(diagnostics)
+            advantages = torch.zeros(0, dtype=torch.float64)
+            if problems:
+                context = {**self.advantage_context(completions), "diagnostics": diagnostics}
+                options = algorithms.advantage_options(a.advantage, context)
+                advantages = algorithms.compute_advantages(a.advantage, reward_t, group_ids, **options)
+            metrics.update(_mean_over_processes(procs, diagnostics, weight=len(problems)))
 
         # loss → update
         with timer.stage("batching"):
@@ -406,29 +445,33 @@ class Trainer:
             self.engine.load_weights(self.model)
         self._record(scored, step_no, timer)
 
-        # metrics (SPEC §6); every stage above is timed, so the stages add up to `time/step`
+        # metrics (SPEC §6) over the whole global batch; every stage above is timed, so they add up to `time/step`
         with timer.stage("logging"):
             if self.pool is not None:
                 metrics["lanpo/pool_size"] = float(self.pool.stats()["size"])
-            n_tokens = sum(len(c.token_ids) for c in completions)
-            lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
+            seqs = procs.gather(  # (length, truncated, |advantage|) of every trained sequence
+                [(len(c.token_ids), c.truncated, abs(float(x))) for c, x in zip(completions, advantages, strict=True)]
+            )
+            all_rewards, all_correct = torch.tensor(procs.gather(rewards), dtype=torch.float64), procs.gather(correct)
+            n_tokens = sum(n for n, _, _ in seqs)
+            lengths = torch.tensor([n for n, _, _ in seqs], dtype=torch.float)
             metrics.update(
                 {
-                    "reward/mean": float(reward_t.mean()),
-                    "reward/std": float(reward_t.std()) if len(rewards) > 1 else 0.0,
-                    "accuracy": sum(correct) / len(correct),
+                    "reward/mean": float(all_rewards.mean()),
+                    "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
+                    "accuracy": sum(all_correct) / len(all_correct),
                     "zero_std_groups": zero_std_first_round,
                     "completion/len_mean": float(lengths.mean()),
                     "completion/len_max": float(lengths.max()),
-                    "completion/truncated": sum(truncated) / len(truncated),
-                    "advantage/abs_mean": float(advantages.abs().mean()),
+                    "completion/truncated": sum(t for _, t, _ in seqs) / len(seqs),
+                    "advantage/abs_mean": sum(x for _, _, x in seqs) / len(seqs),
                     "tokens/generated": n_tokens,
-                    **_merge_reward_metrics(reward_metrics),
+                    **_merge_reward_metrics(procs.gather([reward_metrics])),
                     **update_metrics,
                     "lr": self.scheduler.get_last_lr()[0],
                 }
             )
-        step_time = time.perf_counter() - step_start
+        step_time = procs.max(time.perf_counter() - step_start)  # the slowest process sets the pace
         metrics.update(timer.metrics())
         metrics["time/step"] = step_time
         metrics["tokens_per_s"] = n_tokens / step_time
@@ -444,39 +487,37 @@ class Trainer:
         return [cache[t] for t in texts]
 
     def _record(self, scored: list[tuple[Rollout, Completion, float]], step_no: int, timer: StageTimer) -> None:
-        """Pool write (LANPO) and the completions log: every scored rollout with the context it was sampled under."""
+        """Pool write (LANPO: this step's lessons, then its rollouts) and the completions log: every scored rollout
+        with the context it was sampled under. Process 0 writes both, for every process, in rank order."""
+        procs = self.procs
         if self.pool is not None:
             with timer.stage("pool"):
-                self.pool.add(
+                lessons = procs.gather(self.feedback.take_new_lessons())
+                entries = procs.gather(
                     [
                         PoolEntry(
-                            r.problem.id,
-                            r.problem.prompt,
-                            c.text,
-                            float(w),
-                            step_no,
-                            r.mode,
-                            len(c.prompt_ids),
+                            r.problem.id, r.problem.prompt, c.text, float(w), step_no, r.mode, len(c.prompt_ids),
                             len(c.token_ids),
                         )  # fmt: skip
                         for r, c, w in scored
                     ]
                 )
+                if procs.is_main:
+                    for key, text, step in lessons:
+                        self.pool.put_lesson(key, text, step)
+                    self.pool.add(entries)
+                procs.barrier()  # the next step's reads see this step's writes on every process
         if self.cfg.train.log_completions:
             with timer.stage("logging"):
-                self.logger.log_completions(
-                    step_no,
+                records = procs.gather(
                     [
-                        {
-                            "problem_id": r.problem.id,
-                            "mode": r.mode,
-                            "prompt": r.text,
-                            "completion": c.text,
-                            "reward": w,
-                        }  # fmt: skip
+                        {"problem_id": r.problem.id, "mode": r.mode, "prompt": r.text, "completion": c.text,
+                         "reward": w}  # fmt: skip
                         for r, c, w in scored
-                    ],
+                    ]
                 )
+                if self.logger is not None:
+                    self.logger.log_completions(step_no, records)
 
     def advantage_context(self, completions: list[Completion]) -> dict[str, Any]:
         """Everything an advantage estimator may ask for by parameter name (see `advantage_options`)."""
@@ -499,23 +540,49 @@ class Trainer:
         """π_old log-probs (only needed when the batch is reused for several passes) and π_ref (only when β > 0).
 
         With one pass, π_old equals the current policy, so its detached log-probs serve and no pass is spent.
+        π_ref is the model before RL: a frozen copy (moved to the GPU only for this pass with `train.ref_offload`),
+        or under LoRA the policy with its adapters switched off.
         """
-        temp = self.cfg.rollout.temperature
-        old = [token_logprobs(self.model, mb, temp)[0] if self.cfg.algorithm.num_iterations > 1 else None for mb in mbs]
-        ref = [token_logprobs(self.ref_model, mb, temp)[0] if self.ref_model is not None else None for mb in mbs]
+        temp, chunk = self.cfg.rollout.temperature, self.cfg.train.logprob_chunk
+        old = [
+            token_logprobs(self.model, mb, temp, chunk=chunk)[0] if self.cfg.algorithm.num_iterations > 1 else None
+            for mb in mbs
+        ]
+        ref: list[Tensor | None] = [None] * len(mbs)
+        if self.cfg.algorithm.beta > 0 and mbs:
+            with self._reference_model() as model:
+                ref = [token_logprobs(model, mb, temp, chunk=chunk)[0] for mb in mbs]
         return old, ref
+
+    @contextmanager
+    def _reference_model(self) -> Iterator[Any]:
+        if self.ref_model is None:  # LoRA: the base model is the policy without its adapters
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        offload = self.cfg.train.ref_offload
+        if offload:
+            self.ref_model.to(self.device)
+        try:
+            yield self.ref_model
+        finally:
+            if offload:
+                self.ref_model.to("cpu")
 
     def update(
         self, mbs: list[MicroBatch], old_logp: list[Tensor | None], ref_logp: list[Tensor | None]
     ) -> dict[str, float]:
-        """`num_iterations` optimiser steps over the batch, each accumulating gradients over its micro-batches."""
-        a, temp = self.cfg.algorithm, self.cfg.rollout.temperature
-        num_tokens = float(sum(mb.mask.sum() for mb in mbs))
-        num_seqs = float(sum((mb.mask.sum(-1) > 0).sum() for mb in mbs))
+        """`num_iterations` optimiser steps over the batch, each accumulating gradients over its micro-batches.
+
+        Loss normalisers are counts over the global batch (all processes), and each process's loss is scaled by
+        the process count, so the data-parallel gradient equals the one-process gradient (`distributed.py`)."""
+        a, t, procs = self.cfg.algorithm, self.cfg.train, self.procs
+        temp = self.cfg.rollout.temperature
+        num_tokens = procs.sum(float(sum(mb.mask.sum() for mb in mbs)))
+        num_seqs = procs.sum(float(sum((mb.mask.sum(-1) > 0).sum() for mb in mbs)))
         max_len = a.max_len_norm or self.cfg.rollout.max_new_tokens
-        sums = dict.fromkeys(["loss", "entropy", "clip_low", "clip_high", "ratio"], 0.0)
-        if any(ref is not None for ref in ref_logp):
-            sums["kl"] = 0.0
+        keys = ["loss", "entropy", "clip_low", "clip_high", "ratio"] + (["kl"] if a.beta > 0 else [])
+        sums = dict.fromkeys(keys, 0.0)
         self.model.train()
         for _ in range(a.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -538,8 +605,10 @@ class Trainer:
                     if not bool(rows.any()):
                         continue
                     mb, old, ref = select_rows(whole, rows, whole_old, whole_ref)
-                    with torch.set_grad_enabled(grad):
-                        logp, entropy = token_logprobs(self.model, mb, temp, with_entropy=True)
+                    with torch.set_grad_enabled(grad), procs.no_sync(self.train_model):
+                        logp, entropy = token_logprobs(
+                            self.train_model, mb, temp, with_entropy=True, chunk=t.logprob_chunk
+                        )
                         old = logp.detach() if old is None else old
                         if mb.guide.any():  # stripped LANPO contexts: π_old is the behaviour log-prob under the context
                             old = torch.where(mb.guide[:, None], mb.behaviour_logp, old)
@@ -554,23 +623,28 @@ class Trainer:
                         loss = algorithms.aggregate_loss(
                             per_token, mb.mask, a.loss_agg, num_seqs=num_seqs, num_tokens=num_tokens, max_len=max_len
                         )
-                    if grad:
-                        loss.backward()
-                        backward = True
+                        if grad:  # × processes: the wrapper averages gradients, the loss is a sum over them
+                            procs.backward(loss * procs.world if procs.world > 1 else loss)
+                            backward = True
                     # token-weighted sums → exact token means over the whole batch
                     m = mb.mask
                     for key, val in {"loss": loss.detach() * num_tokens, "entropy": entropy, **info}.items():
                         total = val if val.dim() == 0 else (val * m).sum()
-                        sums[key] = sums.get(key, 0.0) + float(total)
-            if not backward:  # all-zero gradient: AdamW still steps (momentum, weight decay), as after a zero backward
+                        sums[key] += float(total)
+            if procs.world > 1:
+                pad = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.device)
+                procs.sync_gradients(self.train_model, pad)
+            elif not backward:  # all-zero gradient: AdamW still steps (momentum, weight decay) as after a zero backward
                 for p in self.model.parameters():
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), a_max if (a_max := self.cfg.train.max_grad_norm) > 0 else math.inf
+            grad_norm = procs.clip_grad_norm(
+                [p for p in self.model.parameters() if p.requires_grad],
+                t.max_grad_norm if t.max_grad_norm > 0 else math.inf,
             )
             self.optimizer.step()
             self.scheduler.step()
+        sums = procs.sum_dict(sums)
         denom = max(num_tokens, 1.0) * a.num_iterations
         out = {
             f"{k}" if k in ("loss", "entropy", "kl") else f"clip/{k.removeprefix('clip_')}": v / denom
@@ -586,6 +660,9 @@ class Trainer:
     # ---- the run --------------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
+        """Eval metrics (process 0 evaluates; the others wait and get its numbers)."""
+        if not self.procs.is_main:
+            return self.procs.broadcast({})
         e = self.cfg.eval
         res = evaluate(
             self.model,
@@ -600,7 +677,7 @@ class Trainer:
             # LANPO runs also report feedback-augmented accuracy (a reward-agnostic second attempt, SPEC §5)
             reflect_template=self.feedback.templates.reflect if self.feedback is not None else None,
         )
-        return {f"eval/{k}": v for k, v in res.items()}
+        return self.procs.broadcast({f"eval/{k}": v for k, v in res.items()})
 
     def stop_reason(self) -> str | None:
         """Which limit ends training now: `steps`, `max_seconds` or `max_tokens` (first reached), or None."""
@@ -614,7 +691,12 @@ class Trainer:
         return None
 
     def checkpoint(self, finished: bool = False) -> None:
-        """`finished` marks the run's final checkpoint: that is what tells a budget-stopped run from a killed one."""
+        """`finished` marks the run's final checkpoint: that is what tells a budget-stopped run from a killed one.
+        Process 0 writes it, with every process's RNG state; the others wait until it is in place."""
+        rng = self.procs.gather([rng_state()])
+        if not self.procs.is_main:
+            self.procs.barrier()
+            return
         state: dict[str, Any] = {
             "cursor": self.stream.cursor,
             "elapsed_seconds": self.elapsed,
@@ -631,15 +713,22 @@ class Trainer:
             self.scheduler,
             state,
             keep=self.cfg.train.keep_checkpoints,
+            rng=rng,
         )
         if self.pool is not None:  # evictions up to this step can no longer be rolled back: purge them
             self.pool.checkpointed(self.step)
+        self.procs.barrier()
 
     def close(self) -> None:
         self.rewards.close()
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
         if self.pool is not None:
             self.pool.close()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.log(step, metrics)
 
 
 def _columns(problems: list[Problem], repeat: int) -> dict[str, list]:
@@ -652,17 +741,18 @@ def _columns(problems: list[Problem], repeat: int) -> dict[str, list]:
 
 
 def _feedback_metrics(
-    stats: list[Any], rollouts: list[Rollout], rewards: list[float], correct: list[bool]
+    stats: list[FeedbackStats], modes: list[tuple[str, int]], rewards: list[float], correct: list[bool]
 ) -> dict[str, float]:
-    """SPEC §5/§6 LANPO metrics: per-mode reward and accuracy, fallbacks, context size, retrieval, lessons."""
+    """SPEC §5/§6 LANPO metrics: per-mode reward and accuracy, fallbacks, context size, retrieval, lessons.
+    `modes`: (mode, context tokens) of every trained rollout, aligned with `rewards` and `correct`."""
     out: dict[str, float] = {}
     for mode in MODES:
-        idx = [i for i, r in enumerate(rollouts) if r.mode == mode]
+        idx = [i for i, (m, _) in enumerate(modes) if m == mode]
         out[f"lanpo/{mode}/count"] = float(len(idx))
         if idx:
             out[f"lanpo/{mode}/reward"] = sum(rewards[i] for i in idx) / len(idx)
             out[f"lanpo/{mode}/accuracy"] = sum(correct[i] for i in idx) / len(idx)
-    ctx = [r.context_tokens for r in rollouts if r.mode != "scratch"]
+    ctx = [n for m, n in modes if m != "scratch"]
     requests = sum(s.retrieval_requests for s in stats)
     sims = [x for s in stats for x in s.similarities]
     out.update(
@@ -680,14 +770,30 @@ def _feedback_metrics(
     return out
 
 
-def _merge_reward_metrics(rounds: list[dict[str, float]]) -> dict[str, float]:
-    """Counts add up over dynamic-sampling rounds; means and stds are taken from the first round."""
-    out = dict(rounds[0]) if rounds else {}
-    for r in rounds[1:]:
-        for k in ("reward/verify_timeouts", "reward/unparsable", "reward/verify_errors", "reward/skipped"):
-            if k in r:
-                out[k] = out.get(k, 0.0) + r[k]
+_REWARD_COUNTS = ("reward/verify_timeouts", "reward/unparsable", "reward/verify_errors", "reward/skipped")
+
+
+def _merge_reward_metrics(per_process: list[list[dict[str, float]]]) -> dict[str, float]:
+    """Reward-function metrics of every process's dynamic-sampling rounds: counts add up over rounds and processes;
+    means and stds are those of the first round, averaged over processes (their shares differ by one group at most)."""
+    firsts = [rounds[0] for rounds in per_process if rounds]
+    if not firsts:
+        return {}
+    out = {k: sum(f.get(k, 0.0) for f in firsts) / len(firsts) for k in firsts[0] if k not in _REWARD_COUNTS}
+    for k in _REWARD_COUNTS:
+        counts = [r[k] for rounds in per_process for r in rounds if k in r]
+        if counts:
+            out[k] = sum(counts)
     return out
+
+
+def _mean_over_processes(procs: Processes, values: dict[str, float], weight: float) -> dict[str, float]:
+    """Weighted mean of per-process diagnostics (weight: e.g. the process's group count); identity for one."""
+    if procs.world == 1:
+        return values
+    parts = [(w, v) for w, v in procs.gather([(weight, values)]) if w > 0 and v]
+    total = sum(w for w, _ in parts)
+    return {k: sum(w * v[k] for w, v in parts) / total for k in parts[0][1]} if parts else {}
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
@@ -709,9 +815,9 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def new_run_dir(cfg: Config) -> Path:
-    name = cfg.train.run_name or f"{cfg.algorithm.advantage}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = cfg.train.run_name or agree(f"{cfg.algorithm.advantage}-{datetime.now():%Y%m%d-%H%M%S}", cfg.model.device)
     path = Path(cfg.train.output_dir) / name
-    if (path / "config.yaml").exists():
+    if (path / "config.yaml").exists() and int(os.environ.get("RANK", "0")) == 0:  # process 0 writes it
         raise UserError(f"run directory {path} exists; pick another train.run_name or resume with --resume {path}")
     return path  # created by the Trainer once data and model have loaded, so a failed start leaves nothing
 
@@ -757,9 +863,9 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool, console: Any, prog
     try:
         if not resume:
             before = trainer.evaluate()
-            trainer.logger.log(0, before)
+            trainer.log(0, before)
             summary["eval_before"] = before
-        else:
+        elif trainer.procs.is_main:
             summary["eval_before"] = next((m for m in _read_log(run_dir) if "eval/accuracy" in m), {})
         task = progress.add_task("RL", total=t.steps, completed=trainer.step, status="")
         while trainer.stop_reason() is None:
@@ -772,7 +878,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool, console: Any, prog
             last = trainer.stop_reason() is not None  # the final eval and checkpoint follow the loop
             if t.eval_every and trainer.step % t.eval_every == 0 and not last:
                 metrics.update(trainer.evaluate())
-            trainer.logger.log(trainer.step, metrics)
+            trainer.log(trainer.step, metrics)
             progress.update(
                 task,
                 advance=1,
@@ -788,11 +894,12 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool, console: Any, prog
             if t.save_every and trainer.step % t.save_every == 0 and not last:
                 trainer.checkpoint()
         after = trainer.evaluate()
-        trainer.logger.log(trainer.step, after)
+        trainer.log(trainer.step, after)
         summary["eval_after"] = after
-        final = run_dir / "model"
-        trainer.model.save_pretrained(final)
-        trainer.tokenizer.save_pretrained(final)
+        if trainer.procs.is_main:
+            final = run_dir / "model"
+            trainer.model.save_pretrained(final)
+            trainer.tokenizer.save_pretrained(final)
         trainer.checkpoint(finished=True)  # last: a run killed before this resumes from its previous checkpoint
         summary.update(
             step=trainer.step,

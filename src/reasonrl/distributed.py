@@ -1,0 +1,134 @@
+"""Processes: the trainer's view of the process group, on top of `accelerate`.
+
+One process is the common case and costs nothing here: every collective below returns its input. Under
+`accelerate launch` (or torchrun) each process rolls out its share of the step's prompts, whole groups only, and
+the update runs data-parallel through accelerate's wrapper of the model (DDP; FSDP and DeepSpeed configs in
+`configs/accelerate/`). The gradient of a step equals the one-process gradient of the same global batch because
+
+- every loss normaliser (token and sequence counts) is summed over processes before the loss is formed, and
+- each process's loss is multiplied by the number of processes, which undoes the wrapper's gradient averaging.
+
+Micro-batch counts may differ between processes (the zero-advantage skip, uneven dynamic sampling), so all real
+backward passes run without gradient synchronisation and one zero-loss pass, the same on every process, reduces the
+accumulated gradients (`sync_gradients`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether processes with `model.device=device` run on the CPU: accelerate then sets up a gloo process group
+    (it does so only when told it runs on the CPU)."""
+    return device == "cpu" or not torch.cuda.is_available()
+
+
+def agree(obj: T, device: str) -> T:
+    """Process 0's `obj` on every process of a launch (e.g. a run name drawn from the clock); identity for one."""
+    if world_size_from_env() == 1:
+        return obj
+    from accelerate import PartialState
+
+    PartialState(cpu=runs_on_cpu(device))  # sets up the process group that the trainer's Accelerator then uses
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Processes:
+    """Rank, world size and the few collectives the trainer needs; wraps an `accelerate.Accelerator`."""
+
+    def __init__(self, mixed_precision: str = "no", cpu: bool = False) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # The tiny model ties its embeddings and every parameter is used in every forward: no unused-parameter search.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+
+    # ---- model -----------------------------------------------------------------------------------------------
+
+    def prepare(self, model: Any, optimizer: torch.optim.Optimizer) -> tuple[Any, torch.optim.Optimizer]:
+        """(the model the loss runs through, the optimiser); generation and checkpoints use the bare model."""
+        return self.accelerator.prepare(model, optimizer)
+
+    def no_sync(self, model: Any) -> Any:
+        return self.accelerator.no_sync(model) if self.world > 1 else nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def sync_gradients(self, model: Any, dummy_ids: torch.Tensor) -> None:
+        """Average the gradients accumulated under `no_sync` across processes: one zero-loss forward/backward through
+        the wrapped model, which every process runs once per optimiser step whatever its own micro-batch count."""
+        if self.world == 1:
+            return
+        logits = model(input_ids=dummy_ids).logits
+        self.backward(logits.float().sum() * 0.0)
+
+    def clip_grad_norm(self, parameters: Any, max_norm: float) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    # ---- collectives (identity with one process) -----------------------------------------------------------
+
+    def shard(self, items: list[T]) -> list[T]:
+        """This process's contiguous share of a global list (sizes differ by at most one; whole items only)."""
+        if self.world == 1:
+            return items
+        base, extra = divmod(len(items), self.world)
+        lo = self.rank * base + min(self.rank, extra)
+        return items[lo : lo + base + (self.rank < extra)]
+
+    def gather(self, items: list[T]) -> list[T]:
+        """Every process's list, concatenated in rank order, on every process."""
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def sum(self, value: float) -> float:
+        return self._reduce(value, torch.distributed.ReduceOp.SUM) if self.world > 1 else value
+
+    def sum_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Sums over processes of every value, in one collective (every process has the same keys)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return dict(zip(values, t.tolist(), strict=True))
+
+    def max(self, value: float) -> float:
+        return self._reduce(value, torch.distributed.ReduceOp.MAX) if self.world > 1 else value
+
+    def _reduce(self, value: float, op: Any) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=op)
+        return float(t.item())
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's object, on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()

@@ -1,0 +1,97 @@
+"""Multi-process training on CPU (gloo), launched the way users launch it: `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reasonrl.checkpoint import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_2 = [
+    "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no",
+]  # fmt: skip  (no GPU: accelerate's torchrun launcher falls back to gloo on the CPU)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_two_processes_take_the_same_step_as_one(tiny_overrides, tmp_path, loss_agg):
+    overrides = [
+        *tiny_overrides, "warmstart.steps=0", "model.device=cpu", "rollout.prompts_per_step=5",
+        "train.micro_batch_size=3", f"algorithm.loss_agg={loss_agg}", "algorithm.beta=0.05", "train.max_grad_norm=0",
+    ]  # fmt: skip
+    worker = str(ROOT / "tests" / "distributed_worker.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run([sys.executable, worker, str(one), str(tmp_path / "run1"), *overrides])
+    _run([*LAUNCH_2, worker, str(two), str(tmp_path / "run2"), *overrides])
+    a, b = torch.load(one), torch.load(two)
+    assert (a["world"], b["world"]) == (1, 2)
+    initial = _initial_params(overrides)
+    moved = 0
+    for name, p in a["params"].items():
+        assert torch.allclose(a["grads"][name], b["grads"][name], rtol=1e-4, atol=1e-7), name
+        assert torch.allclose(p, b["params"][name], atol=1e-5, rtol=0), name
+        moved += not torch.equal(p, initial[name])
+    assert moved == len(initial)  # the step changed every parameter, in both runs
+    for key, value in a["metrics"].items():
+        assert b["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def _initial_params(overrides: list[str]) -> dict[str, torch.Tensor]:
+    from reasonrl import arithmetic
+    from reasonrl.config import load_config
+    from reasonrl.models import build_tiny_model
+
+    cfg = load_config(None, overrides)
+    tok = arithmetic.build_tokenizer()
+    torch.manual_seed(cfg.train.seed)
+    model = build_tiny_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id)
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_two_process_run_logs_once_checkpoints_and_resumes_exactly(tiny_overrides, tmp_path):
+    run = tmp_path / "runs" / "ddp"
+    args = [*tiny_overrides, "train.steps=4", "train.save_every=2", "train.run_name=ddp", "train.keep_checkpoints=4"]
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", *args])
+    records = _records(run)
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 4]  # eval before, 4 steps, eval after: one process logs
+    steps = [r for r in records if "time/step" in r]
+    assert all(r["groups"] == 3 for r in steps)  # the global batch: 3 groups over 2 processes
+    logged = [json.loads(line)["step"] for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert logged == [s for s in (1, 2, 3, 4) for _ in range(3 * 4)]  # every process's rollouts, logged once
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+
+    # resume from step 2 on 2 processes: the same steps 3 and 4 as the uninterrupted run
+    copy = tmp_path / "runs" / "resumed"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-000004")
+    shutil.rmtree(copy / "model")
+    (copy / "checkpoints" / "latest").write_text("step-000002")
+    assert latest_checkpoint(copy).name == "step-000002"
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", "--resume", str(copy)])
+    resumed = _records(copy)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 4]
+    for x, y in zip(records[3:5], resumed[3:5], strict=True):
+        for key in ("reward/mean", "loss", "entropy", "completion/len_mean", "grad_norm", "accuracy"):
+            assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), key
