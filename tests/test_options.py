@@ -175,3 +175,50 @@ def test_stage_times_add_up_to_the_step_time(tiny_overrides, tmp_path):
     # SPEC §6 per-stage wall time: every part of a step is in some stage, so a breakdown plot is the whole step
     _, metrics, _ = step(tiny_overrides, tmp_path)
     assert stage_sum(metrics) == pytest.approx(metrics["time/step"], rel=0.05)
+
+
+# ---- GPU-path options (docs/scale-out.md): each value trains on the CPU, and says what it changed
+
+
+@pytest.mark.parametrize("chunk", ["train.logprob_chunk=0", "train.logprob_chunk=16"])
+def test_logprob_chunk_gives_the_same_step(tiny_overrides, tmp_path, chunk):
+    trainer, metrics, before = step(tiny_overrides, tmp_path, chunk)
+    plain, reference, _ = step(tiny_overrides, tmp_path / "plain", "train.logprob_chunk=0")
+    assert changed(trainer, before)
+    for key in ("loss", "entropy", "grad_norm"):
+        assert metrics[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_gradient_checkpointing_gives_the_same_step(tiny_overrides, tmp_path, value):
+    trainer, metrics, before = step(tiny_overrides, tmp_path, f"train.gradient_checkpointing={value}")
+    assert changed(trainer, before)
+    assert trainer.model.is_activation_checkpointing is value
+    _, reference, _ = step(tiny_overrides, tmp_path / "plain", "train.gradient_checkpointing=false")
+    assert metrics["loss"] == pytest.approx(reference["loss"], rel=1e-5, abs=1e-7)
+    assert metrics["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_ref_offload_keeps_the_reference_on_the_cpu(tiny_overrides, tmp_path, value):
+    trainer, metrics, _ = step(tiny_overrides, tmp_path, "algorithm.beta=0.1", f"train.ref_offload={value}")
+    assert next(trainer.ref_model.parameters()).device.type == "cpu"  # (on a GPU only offload keeps it there)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_mixed_precision_trains(tiny_overrides, tmp_path, precision):
+    trainer, metrics, before = step(tiny_overrides, tmp_path, f"train.mixed_precision={precision}")
+    _, reference, _ = step(tiny_overrides, tmp_path / "fp32", "train.mixed_precision=none")
+    assert changed(trainer, before) and math.isfinite(metrics["loss"])
+    assert next(trainer.model.parameters()).dtype == torch.float32  # autocast: the weights keep model.dtype
+    assert metrics["entropy"] == pytest.approx(reference["entropy"], rel=0.05)  # half-precision rounding only
+    assert metrics["entropy"] != reference["entropy"]  # the loss passes did run in half precision
+
+
+def test_mixed_precision_fp16_on_the_cpu_is_a_one_line_error(tiny_overrides, capsys):
+    from reasonrl.cli import main
+
+    assert main(["train", *tiny_overrides, "train.mixed_precision=fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "fp16" in err and "GPU" in err and "Traceback" not in err

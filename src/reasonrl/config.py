@@ -204,8 +204,8 @@ class TrainConfig:
         True, "write every sampled completion, its context mode and prompt to completions.jsonl"
     )
     # GPU path (docs/scale-out.md); the defaults are exact float32 on the CPU.
-    mixed_precision: Literal["no", "bf16", "fp16"] = _opt(
-        "no", "autocast of the loss passes through accelerate (fp16 adds loss scaling); weights keep model.dtype"
+    mixed_precision: Literal["none", "bf16", "fp16"] = _opt(
+        "none", "autocast of the loss passes through accelerate (fp16 adds loss scaling); weights keep model.dtype"
     )
     logprob_chunk: int = _opt(
         0, "tokens per chunk of the memory-efficient log-prob kernel (no float32 copy of all logits); 0 = plain", ge=0

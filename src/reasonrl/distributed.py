@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from reasonrl.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -49,13 +51,23 @@ def agree(obj: T, device: str) -> T:
 class Processes:
     """Rank, world size and the few collectives the trainer needs; wraps an `accelerate.Accelerator`."""
 
-    def __init__(self, mixed_precision: str = "no", cpu: bool = False) -> None:
+    def __init__(self, mixed_precision: str = "none", cpu: bool = False) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
-        # The tiny model ties its embeddings and every parameter is used in every forward: no unused-parameter search.
+        # accelerate keeps its settings in a process-wide singleton; a second trainer in the same Python process (a
+        # notebook, the tests) may want other ones. The process group itself (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        # Every parameter is used in every forward (tied embeddings included): no unused-parameter search.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
+        if cpu and mixed_precision == "fp16":  # accelerate would quietly run it in float32
+            raise UserError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or none")
+        precision = "no" if mixed_precision == "none" else mixed_precision
+        try:
+            self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+        except ValueError as e:  # e.g. fp16 without a GPU
+            raise UserError(f"train.mixed_precision={mixed_precision}: {str(e).splitlines()[0]}") from None
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -64,8 +76,20 @@ class Processes:
     # ---- model -----------------------------------------------------------------------------------------------
 
     def prepare(self, model: Any, optimizer: torch.optim.Optimizer) -> tuple[Any, torch.optim.Optimizer]:
-        """(the model the loss runs through, the optimiser); generation and checkpoints use the bare model."""
-        return self.accelerator.prepare(model, optimizer)
+        """(the model the loss runs through, the optimiser); generation and checkpoints use the bare model.
+
+        accelerate puts autocast into the model's own `forward`; it is taken out again so that mixed precision
+        covers the loss passes only (`autocast`), and sampling keeps the weights' dtype (its KV-cached decode
+        calls the layers directly, where a half-applied autocast would mix dtypes)."""
+        wrapped, optimizer = self.accelerator.prepare(model, optimizer)
+        if "_original_forward" in vars(model):
+            model.forward = model._original_forward
+            del model._original_forward
+        return wrapped, optimizer
+
+    def autocast(self) -> Any:
+        """`train.mixed_precision` for a loss pass (a no-op at "no")."""
+        return self.accelerator.autocast()
 
     def no_sync(self, model: Any) -> Any:
         return self.accelerator.no_sync(model) if self.world > 1 else nullcontext()

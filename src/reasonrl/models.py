@@ -89,7 +89,10 @@ def load_pretrained(path: str, cfg: ModelConfig, device: torch.device, dtype: to
 def apply_lora(model: Any, lora: LoraConfig, base_path: str) -> Any:
     """Wrap `model` in peft LoRA adapters (only they train); `base_path` is recorded so the adapters can be merged
     back into their base later (`reasonrl export`)."""
-    import peft
+    try:
+        import peft
+    except ImportError:
+        raise UserError("lora.enabled needs peft: pip install 'reasonrl[lora]'") from None
 
     config = peft.LoraConfig(
         r=lora.r,

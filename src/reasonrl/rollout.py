@@ -356,6 +356,9 @@ class _SharedPrefix:
         self.which: Tensor | None = None  # set between the two passes
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        # Under CPU autocast, rotary embeddings leave keys in float32 beside bfloat16 values; sdpa with an explicit
+        # mask needs one dtype. (A no-op without autocast.)
+        value_states = value_states.to(key_states.dtype)
         if self.which is None:
             self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
             return key_states, value_states

@@ -243,7 +243,7 @@ class Trainer:
             device = procs.device if procs.world > 1 else None
             self.model, self.tokenizer, self.device = load_policy(cfg, self.problems, console, device)
         if t.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(self.model)
         self.rewards = build_rewards(cfg, self.tokenizer)
         self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, batch_size=cfg.rollout.batch_size)
         self.ref_model = None
@@ -544,13 +544,14 @@ class Trainer:
         or under LoRA the policy with its adapters switched off.
         """
         temp, chunk = self.cfg.rollout.temperature, self.cfg.train.logprob_chunk
-        old = [
-            token_logprobs(self.model, mb, temp, chunk=chunk)[0] if self.cfg.algorithm.num_iterations > 1 else None
-            for mb in mbs
-        ]
+        with self.procs.autocast():
+            old = [
+                token_logprobs(self.model, mb, temp, chunk=chunk)[0] if self.cfg.algorithm.num_iterations > 1 else None
+                for mb in mbs
+            ]
         ref: list[Tensor | None] = [None] * len(mbs)
         if self.cfg.algorithm.beta > 0 and mbs:
-            with self._reference_model() as model:
+            with self._reference_model() as model, self.procs.autocast():
                 ref = [token_logprobs(model, mb, temp, chunk=chunk)[0] for mb in mbs]
         return old, ref
 
@@ -605,7 +606,7 @@ class Trainer:
                     if not bool(rows.any()):
                         continue
                     mb, old, ref = select_rows(whole, rows, whole_old, whole_ref)
-                    with torch.set_grad_enabled(grad), procs.no_sync(self.train_model):
+                    with torch.set_grad_enabled(grad), procs.no_sync(self.train_model), procs.autocast():
                         logp, entropy = token_logprobs(
                             self.train_model, mb, temp, with_entropy=True, chunk=t.logprob_chunk
                         )
@@ -794,6 +795,14 @@ def _mean_over_processes(procs: Processes, values: dict[str, float], weight: flo
     parts = [(w, v) for w, v in procs.gather([(weight, values)]) if w > 0 and v]
     total = sum(w for w, _ in parts)
     return {k: sum(w * v[k] for w, v in parts) / total for k in parts[0][1]} if parts else {}
+
+
+def _enable_activation_checkpointing(model: Any) -> None:
+    """`train.gradient_checkpointing`, non-reentrant (works with frozen inputs and LoRA); renamed in transformers 5."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
