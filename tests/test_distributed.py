@@ -95,3 +95,13 @@ def test_a_two_process_run_logs_once_checkpoints_and_resumes_exactly(tiny_overri
     for x, y in zip(records[3:5], resumed[3:5], strict=True):
         for key in ("reward/mean", "loss", "entropy", "completion/len_mean", "grad_norm", "accuracy"):
             assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_launches_are_refused_with_one_line(tiny_overrides, kind, monkeypatch, capsys):
+    from reasonrl.cli import main
+
+    monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")  # what `accelerate launch --use_fsdp / --use_deepspeed` sets
+    assert main(["train", *tiny_overrides]) == 2
+    err = capsys.readouterr().err
+    assert kind in err and "ddp.yaml" in err and "Traceback" not in err

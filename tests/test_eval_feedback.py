@@ -45,7 +45,7 @@ def verifier():
 
 @pytest.mark.parametrize("template", [ARITHMETIC.reflect, GENERIC.reflect])
 def test_second_round_prompts_are_the_template_filled_with_the_first_attempt(monkeypatch, verifier, template):
-    monkeypatch.setattr(evaluate_module, "HFEngine", FakeEngine)
+    monkeypatch.setattr(evaluate_module, "make_engine", lambda name, *a, **k: FakeEngine(*a, **k))
     FakeEngine.rounds = []
     tok = arithmetic.build_tokenizer()
     res = evaluate(None, tok, PROBLEMS, verifier, max_new_tokens=8, reflect_template=template)
@@ -60,7 +60,7 @@ def test_second_round_prompts_are_the_template_filled_with_the_first_attempt(mon
 
 
 def test_no_template_no_second_round(monkeypatch, verifier):
-    monkeypatch.setattr(evaluate_module, "HFEngine", FakeEngine)
+    monkeypatch.setattr(evaluate_module, "make_engine", lambda name, *a, **k: FakeEngine(*a, **k))
     FakeEngine.rounds = []
     res = evaluate(None, arithmetic.build_tokenizer(), PROBLEMS, verifier, max_new_tokens=8)
     assert len(FakeEngine.rounds) == 1 and not any(k.startswith("feedback") for k in res)

@@ -378,7 +378,7 @@ def verifier():
 
 
 def test_mean_pass_and_maj_from_n_samples_match_brute_force(monkeypatch, verifier):
-    monkeypatch.setattr(evaluate_module, "HFEngine", ScriptedEngine)
+    monkeypatch.setattr(evaluate_module, "make_engine", lambda name, *a, **k: ScriptedEngine(*a, **k))
     flags = [[False, True, True, False, True], [False, True, False, True, False], [False, False, True, True, True]]
     for k, n in [(2, 5), (5, 5), (3, 4)]:
         res = evaluate(None, arithmetic.build_tokenizer(), EVAL_PROBLEMS, verifier, max_new_tokens=8, k=k, samples=n)
@@ -463,7 +463,7 @@ def test_eval_command_metrics_per_dataset(tiny_overrides, tmp_path, monkeypatch,
         def decode(self, ids):
             return "".join(map(chr, ids))
 
-    monkeypatch.setattr(evaluate_module, "HFEngine", Engine)
+    monkeypatch.setattr(evaluate_module, "make_engine", lambda name, *a, **k: Engine(*a, **k))
     monkeypatch.setattr("reasonrl.models.load_pretrained", lambda *a, **k: (None, Tok()))
     run = untrained_run(tmp_path, [*tiny_overrides, "eval.num_problems=1"])
     gsm, aime = write(tmp_path / "g.jsonl", GSM8K), write(tmp_path / "a.parquet", AIME25)

@@ -343,6 +343,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 batch_size=cfg.eval.batch_size,
                 system_prompt=cfg.data.system_prompt,
                 reflect_template=reflect_template,
+                engine=cfg.rollout.engine,
             )
             head = {"dataset": s.label, "model": str(model_path), "problems": len(s.problems)}
             results.append({**head, **({"samples": samples} if samples > 1 else {}), **res})

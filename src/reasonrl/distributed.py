@@ -2,8 +2,9 @@
 
 One process is the common case and costs nothing here: every collective below returns its input. Under
 `accelerate launch` (or torchrun) each process rolls out its share of the step's prompts, whole groups only, and
-the update runs data-parallel through accelerate's wrapper of the model (DDP; FSDP and DeepSpeed configs in
-`configs/accelerate/`). The gradient of a step equals the one-process gradient of the same global batch because
+the update runs data-parallel through accelerate's DDP wrapper of the model (`configs/accelerate/ddp.yaml`; FSDP
+and DeepSpeed launches are refused, see docs/scale-out.md). The gradient of a step equals the one-process gradient
+of the same global batch because
 
 - every loss normaliser (token and sequence counts) is summed over processes before the loss is formed, and
 - each process's loss is multiplied by the number of processes, which undoes the wrapper's gradient averaging.
@@ -48,6 +49,17 @@ def agree(obj: T, device: str) -> T:
     return box[0]
 
 
+_SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def _refuse_sharded(kind: str) -> None:
+    if kind in _SHARDED:
+        raise UserError(
+            f"an accelerate {kind} launch is not supported (sampling needs whole weights; docs/scale-out.md): "
+            "launch with configs/accelerate/ddp.yaml, with lora.enabled=true for models too big for DDP"
+        )
+
+
 class Processes:
     """Rank, world size and the few collectives the trainer needs; wraps an `accelerate.Accelerator`."""
 
@@ -61,6 +73,9 @@ class Processes:
         AcceleratorState._reset_state(reset_partial_state=False)
         # Every parameter is used in every forward (tied embeddings included): no unused-parameter search.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
+        for kind in _SHARDED:  # checked before accelerate builds its plugin (which fails without a GPU)
+            if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() in ("1", "true", "yes"):
+                _refuse_sharded(kind)
         if cpu and mixed_precision == "fp16":  # accelerate would quietly run it in float32
             raise UserError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or none")
         precision = "no" if mixed_precision == "none" else mixed_precision
@@ -68,6 +83,7 @@ class Processes:
             self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
         except ValueError as e:  # e.g. fp16 without a GPU
             raise UserError(f"train.mixed_precision={mixed_precision}: {str(e).splitlines()[0]}") from None
+        _refuse_sharded(self.accelerator.distributed_type.value)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process

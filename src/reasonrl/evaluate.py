@@ -17,7 +17,7 @@ from reasonrl.data import Problem
 from reasonrl.feedback import reflect_prompt
 from reasonrl.prompts import prompt_ids
 from reasonrl.rewards import Rewards, extract_answer
-from reasonrl.rollout import HFEngine, SamplingParams
+from reasonrl.rollout import SamplingParams, make_engine
 
 __all__ = ["evaluate", "majority_vote", "normalize_answer", "pass_at_k"]
 
@@ -162,6 +162,7 @@ def evaluate(
     batch_size: int = 256,
     system_prompt: str | None = None,
     reflect_template: str | None = None,
+    engine: str = "fast",
 ) -> dict[str, float]:
     """Accuracy of greedy decoding; with `reflect_template`, `feedback_accuracy` of a greedy second attempt at each
     problem that reflects on the first; and, when k > 1 or `samples` > 1, `samples` (default k) sampled completions
@@ -175,18 +176,19 @@ def evaluate(
 
     `verifier` must contain the `math_answer` function; its `correct` flags decide accuracy. The second prompt is
     the template filled with the problem and the first attempt's text only: its score never reaches the model.
+    `engine` is the rollout engine (`rollout.engine`); both decode greedily to the same tokens.
     """
     n = k if samples is None else samples
     if k < 1 or n < k:
         raise ValueError(f"evaluate needs 1 <= k <= samples (k={k}, samples={n})")
-    engine = HFEngine(model, tokenizer, batch_size=batch_size)
+    sampler = make_engine(engine, model, tokenizer, batch_size=batch_size)
     prompts = [prompt_ids(tokenizer, p.prompt, system_prompt) for p in problems]
     columns = {
         "answer": [p.answer for p in problems],
         "reference": [p.reference for p in problems],
         "problem_id": [p.id for p in problems],
     }
-    greedy = engine.generate(prompts, 1, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    greedy = sampler.generate(prompts, 1, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     out = verifier([p.prompt for p in problems], [c.text for c in greedy], columns)
     if out.correct is None:
         raise ValueError("evaluation needs the math_answer reward function")
@@ -197,7 +199,7 @@ def evaluate(
     }
     if reflect_template is not None:
         texts = [reflect_prompt(p.prompt, c.text, reflect_template) for p, c in zip(problems, greedy, strict=True)]
-        second = engine.generate(
+        second = sampler.generate(
             [prompt_ids(tokenizer, t, system_prompt) for t in texts],
             1,
             SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
@@ -206,7 +208,7 @@ def evaluate(
         metrics["feedback_accuracy"] = sum(res.correct) / len(problems)
         metrics["feedback_truncated"] = sum(c.truncated for c in second) / len(problems)
     if n > 1:
-        sampled = engine.generate(prompts, n, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature))
+        sampled = sampler.generate(prompts, n, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature))
         rep = {key: [v for v in vals for _ in range(n)] for key, vals in columns.items()}
         res = verifier([p.prompt for p in problems for _ in range(n)], [c.text for c in sampled], rep)
         flags = res.correct

@@ -677,6 +677,7 @@ class Trainer:
             system_prompt=self.cfg.data.system_prompt,
             # LANPO runs also report feedback-augmented accuracy (a reward-agnostic second attempt, SPEC §5)
             reflect_template=self.feedback.templates.reflect if self.feedback is not None else None,
+            engine=self.cfg.rollout.engine,
         )
         return self.procs.broadcast({f"eval/{k}": v for k, v in res.items()})
 
