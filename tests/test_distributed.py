@@ -105,3 +105,20 @@ def test_sharded_launches_are_refused_with_one_line(tiny_overrides, kind, monkey
     assert main(["train", *tiny_overrides]) == 2
     err = capsys.readouterr().err
     assert kind in err and "ddp.yaml" in err and "Traceback" not in err
+
+
+def test_two_process_lanpo_writes_one_pool_from_process_zero(tiny_overrides, tmp_path):
+    from reasonrl.pool import ExperiencePool
+
+    run = tmp_path / "runs" / "lanpo"
+    args = [
+        *tiny_overrides, "task.train_size=6", "train.steps=4", "train.run_name=lanpo", "algorithm.lanpo.enabled=true",
+        "algorithm.lanpo.gamma=0.01", "algorithm.lanpo.mix={scratch: 0.5, reflect: 0.25, abstract: 0.25}",
+    ]  # fmt: skip
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", *args])
+    steps = [r for r in _records(run) if "groups" in r]
+    assert sum(r["lanpo/reflect/count"] for r in steps) > 0 and sum(r["lanpo/abstract/count"] for r in steps) > 0
+    with ExperiencePool(run / "pool.sqlite", read_only=True) as pool:
+        stats = pool.stats()
+        assert stats["size"] == 4 * 3 * 4  # every rollout of both processes, once (6 problems: no eviction at 8)
+        assert stats["lessons"] == sum(r["lanpo/lessons_generated"] for r in steps) > 0

@@ -72,7 +72,7 @@ class Processes:
         # notebook, the tests) may want other ones. The process group itself (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
         # Every parameter is used in every forward (tied embeddings included): no unused-parameter search.
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
         for kind in _SHARDED:  # checked before accelerate builds its plugin (which fails without a GPU)
             if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() in ("1", "true", "yes"):
                 _refuse_sharded(kind)

@@ -136,7 +136,9 @@ def merged_lora_model(adapter_dir: str | Path, cfg: ModelConfig, dtype: torch.dt
     if not base:
         raise UserError(f"{adapter_dir}: adapter_config.json names no base model (base_model_name_or_path)")
     model, tokenizer = load_pretrained(base, cfg, torch.device("cpu"), dtype)
-    model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     return model, tokenizer
 
 
