@@ -96,6 +96,17 @@ def test_a_two_process_run_logs_once_checkpoints_and_resumes_exactly(tiny_overri
         for key in ("reward/mean", "loss", "entropy", "completion/len_mean", "grad_norm", "accuracy"):
             assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), key
 
+    # the same checkpoint resumes on 1 process (re-seeded: it continues, but samples differently)
+    single = tmp_path / "runs" / "single"
+    shutil.copytree(run, single)
+    shutil.rmtree(single / "checkpoints" / "step-000004")
+    shutil.rmtree(single / "model")
+    (single / "checkpoints" / "latest").write_text("step-000002")
+    _run([sys.executable, "-m", "reasonrl", "train", "--resume", str(single)])
+    again = _records(single)
+    assert [r["step"] for r in again] == [0, 1, 2, 3, 4, 4] and again[:3] == records[:3]
+    assert all(r["groups"] == 3 for r in again if "time/step" in r) and (single / "model").is_dir()
+
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
 def test_sharded_launches_are_refused_with_one_line(tiny_overrides, kind, monkeypatch, capsys):
