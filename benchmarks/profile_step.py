@@ -176,9 +176,9 @@ def profile(args: argparse.Namespace) -> None:
         passes: list[tuple[Any, bool]] = []
         real_token_logprobs = trainer_module.token_logprobs
 
-        def recording(model: Any, mb: Any, temperature: float, with_entropy: bool = False) -> Any:
+        def recording(model: Any, mb: Any, temperature: float, with_entropy: bool = False, chunk: int = 0) -> Any:
             passes.append((mb, torch.is_grad_enabled()))
-            return real_token_logprobs(model, mb, temperature, with_entropy)
+            return real_token_logprobs(model, mb, temperature, with_entropy, chunk)
 
         trainer_module.token_logprobs = recording
         rows = []
