@@ -133,3 +133,21 @@ def test_two_process_lanpo_writes_one_pool_from_process_zero(tiny_overrides, tmp
         stats = pool.stats()
         assert stats["size"] == 4 * 3 * 4  # every rollout of both processes, once (6 problems: no eviction at 8)
         assert stats["lessons"] == sum(r["lanpo/lessons_generated"] for r in steps) > 0
+
+
+def test_num_processes_shortcut_launches_data_parallel(tiny_overrides, tmp_path):
+    run = tmp_path / "runs" / "short"
+    cmd = [sys.executable, "-m", "reasonrl", "train", "--num-processes", "2", *tiny_overrides, "train.run_name=short"]
+    res = _run(cmd)
+    assert res.stdout.count("data-parallel over 2 processes") == 1  # process 1 prints nothing
+    records = _records(run)
+    assert [r["step"] for r in records] == [0, 1, 2, 2]  # logged once, by process 0 of 2
+    logged = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 * 3 * 4  # both processes' rollouts
+
+
+def test_num_processes_must_be_positive(capsys):
+    from reasonrl.cli import main
+
+    assert main(["train", "--num-processes", "0"]) == 2
+    assert "--num-processes" in capsys.readouterr().err

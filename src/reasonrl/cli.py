@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="YAML config file (see recipes/)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    train.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes (one per GPU; CPU: gloo): shorthand for `accelerate launch --multi_gpu "
+        "--num_processes N -m reasonrl train ...` (docs/scale-out.md)",
+    )
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
     ev = sub.add_parser("eval", help="score a model on datasets (greedy accuracy, mean@k, pass@k, maj@k)")
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compare"] and "--" in argv:  # `reasonrl compare ... -- KEY=VALUE ...`: overrides for every run
         argv, common = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = parser.parse_args(argv)
-    args.common = common
+    args.common, args.argv = common, argv
     if args.command is None:
         parser.print_help()
         return 0
@@ -180,6 +188,10 @@ def _console() -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.num_processes < 1:
+        raise UserError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from reasonrl.config import load_config
@@ -204,6 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"reasonrl: {'resuming' if args.resume else 'training'} [bold]{cfg.algorithm.advantage}[/bold] "
         f"on {cfg.data.source} with model {cfg.model.name} → {run_dir}"
     )
+    if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+        console.print(f"data-parallel over {world} processes; process 0 logs, evaluates and checkpoints")
     a = cfg.algorithm
     names, weights = reward_spec(cfg)
     options = (
@@ -254,6 +268,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         + (", pool.sqlite)" if cfg.algorithm.lanpo.enabled else ")")
     )
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`--num-processes N`: the same command under `accelerate launch` (DDP; gloo on CPUs, NCCL on GPUs)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("accelerate") is None:
+        raise UserError("--num-processes needs the `accelerate` command (pip install accelerate)")
+    rest = _without_option(args.argv[args.argv.index("train") + 1 :], "--num-processes")
+    cmd = [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", str(args.num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "reasonrl", "train", *rest,
+    ]  # fmt: skip  (mixed precision comes from train.mixed_precision)
+    return subprocess.call(cmd)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 def _print_feedback_summary(console: Any, run_dir: Path, eval_after: dict[str, float]) -> None:
