@@ -253,8 +253,8 @@ class Trainer:
                 self.ref_model.to("cpu")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
-        # `train_model` is what the loss runs through (accelerate's DDP / FSDP / autocast wrapper, or the model
-        # itself); generation, evaluation and checkpoints use the bare `model`, which shares its parameters.
+        # `train_model` is what the loss runs through (accelerate's DDP wrapper with several processes, else the
+        # model itself); generation, evaluation and checkpoints use the bare `model`, which shares its parameters.
         self.train_model, self.optimizer = procs.prepare(self.model, optimizer)
         total = max(1, t.steps * a.num_iterations)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
