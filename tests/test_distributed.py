@@ -136,10 +136,10 @@ def test_two_process_lanpo_writes_one_pool_from_process_zero(tiny_overrides, tmp
 
 
 def test_num_processes_shortcut_launches_data_parallel(tiny_overrides, tmp_path):
-    run = tmp_path / "runs" / "short"
-    cmd = [sys.executable, "-m", "reasonrl", "train", "--num-processes", "2", *tiny_overrides, "train.run_name=short"]
+    cmd = [sys.executable, "-m", "reasonrl", "train", "--num-processes", "2", *tiny_overrides]
     res = _run(cmd)
     assert res.stdout.count("data-parallel over 2 processes") == 1  # process 1 prints nothing
+    (run,) = (tmp_path / "runs").iterdir()  # the clock-drawn run name is process 0's, on both processes
     records = _records(run)
     assert [r["step"] for r in records] == [0, 1, 2, 2]  # logged once, by process 0 of 2
     logged = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
