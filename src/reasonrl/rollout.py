@@ -54,8 +54,9 @@ class RolloutEngine(Protocol):
         ...
 
 
-class HFEngine:
-    """Batched, left-padded sampling with `transformers.generate` on the policy itself (shares its weights)."""
+class _PolicyEngine:
+    """An engine that samples from the policy module itself (no copy of its weights), `batch_size` sequences at a
+    time (0: all at once); subclasses sample one chunk in `_generate_chunk`."""
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -64,7 +65,6 @@ class HFEngine:
     def load_weights(self, model: torch.nn.Module) -> None:  # same module: nothing to copy
         self.model = model
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
         flat = [p for p in prompts for _ in range(n)]
         size = self.batch_size or len(flat)
@@ -73,6 +73,14 @@ class HFEngine:
             out += self._generate_chunk(flat[start : start + size], sampling)
         return out
 
+    def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        raise NotImplementedError
+
+
+class HFEngine(_PolicyEngine):
+    """Batched, left-padded sampling with `transformers.generate` on the policy itself (shares its weights)."""
+
+    @torch.no_grad()
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         from transformers import GenerationConfig
 
@@ -127,7 +135,7 @@ class HFEngine:
         return completions
 
 
-class FastEngine:
+class FastEngine(_PolicyEngine):
     """KV-cached batched sampling with a hand-written loop over the policy's own forward (shares its weights).
 
     Per chunk of `batch_size` sequences (cut exactly as `HFEngine` cuts them): the distinct prompts are left-padded
@@ -153,24 +161,15 @@ class FastEngine:
     DROP_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0) -> None:
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.eos_ids = _eos_ids(model, tokenizer)
+        super().__init__(model, tokenizer, batch_size)
         # per chunk of the last `generate` call: its prompts and the batch rows of each decode step (for profiling)
         self.trace: list[tuple[list[list[int]], list[int]]] = []
 
-    def load_weights(self, model: torch.nn.Module) -> None:  # same module: nothing to copy
-        self.model = model
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
+        self.trace = []
+        return super().generate(prompts, n, sampling)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
-        flat = [p for p in prompts for _ in range(n)]
-        size = self.batch_size or len(flat)
-        out: list[Completion] = []
-        self.trace = []
-        for start in range(0, len(flat), size):
-            out += self._generate_chunk(flat[start : start + size], sampling)
-        return out
-
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         model = self.model
         device = next(model.parameters()).device
