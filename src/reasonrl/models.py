@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,24 +68,30 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_pretrained(path: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_pretrained(
+    path: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, quantization: Any = None
+) -> tuple[Any, Any]:
     """(model, tokenizer) from a local directory or hub name; errors become one-line user errors. A directory of
-    LoRA adapters (a LoRA run's `model/` or checkpoint) loads its base model with the adapters merged in."""
+    LoRA adapters (a LoRA run's `model/` or checkpoint) loads its base model with the adapters merged in.
+    `quantization`: bitsandbytes settings (QLoRA), under which the weights are placed on `device` while loading."""
     from transformers import AutoModelForCausalLM
 
     if (Path(path) / "adapter_config.json").is_file():
         model, tokenizer = merged_lora_model(path, cfg, dtype)
         return model.to(device), tokenizer
+    placement = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
     try:
         tokenizer = _load_tokenizer(path, cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **placement
+        )
     except OSError as e:
         where = "local directory" if Path(path).exists() else "model name (offline? pass a local directory)"
         raise UserError(f"cannot load model '{path}' as a {where}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    return (model if placement else model.to(device)), tokenizer
 
 
 def apply_lora(model: Any, lora: LoraConfig, base_path: str) -> Any:
@@ -103,11 +111,18 @@ def apply_lora(model: Any, lora: LoraConfig, base_path: str) -> Any:
         base_model_name_or_path=base_path,
     )
     try:
-        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with _quiet_peft():
             return peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. no module matches target_modules
         raise UserError(f"lora: {str(e).splitlines()[0]} (set lora.target_modules)") from None
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: not the user's doing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def quantization_config(lora: LoraConfig, device: torch.device) -> Any:
@@ -136,8 +151,7 @@ def merged_lora_model(adapter_dir: str | Path, cfg: ModelConfig, dtype: torch.dt
     if not base:
         raise UserError(f"{adapter_dir}: adapter_config.json names no base model (base_model_name_or_path)")
     model, tokenizer = load_pretrained(base, cfg, torch.device("cpu"), dtype)
-    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     return model, tokenizer
 
@@ -179,20 +193,12 @@ def load_policy(
 
 
 def _load_base(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    """A pretrained policy; a QLoRA base is quantised while it loads (bitsandbytes places it on the GPU itself)."""
+    """A pretrained policy; a QLoRA base is quantised while it loads and prepared for adapter training."""
     quant = quantization_config(cfg.lora, device)
-    if quant is None:
-        return load_pretrained(cfg.model.name, cfg.model, device, dtype)
-    import peft
-    from transformers import AutoModelForCausalLM
+    model, tokenizer = load_pretrained(cfg.model.name, cfg.model, device, dtype, quantization=quant)
+    if quant is not None:
+        import peft
 
-    tokenizer = _load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.name, dtype=dtype, quantization_config=quant, device_map={"": device},
-        trust_remote_code=cfg.model.trust_remote_code,
-    )  # fmt: skip
-    checkpointing = cfg.train.gradient_checkpointing
-    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing), tokenizer
+        checkpointing = cfg.train.gradient_checkpointing
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    return model, tokenizer
