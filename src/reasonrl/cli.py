@@ -195,10 +195,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from reasonrl.config import load_config
+    from reasonrl.distributed import rank_from_env, world_size_from_env
     from reasonrl.trainer import finished_state, new_run_dir, resume_config, reward_spec, run_training
 
     console = _console()
-    if int(os.environ.get("RANK", "0")) > 0:  # multi-process launch: process 0 speaks for the run
+    if rank_from_env() > 0:  # multi-process launch: process 0 speaks for the run
         console.quiet = True
     if args.resume:
         run_dir = Path(args.resume)
@@ -216,7 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"reasonrl: {'resuming' if args.resume else 'training'} [bold]{cfg.algorithm.advantage}[/bold] "
         f"on {cfg.data.source} with model {cfg.model.name} → {run_dir}"
     )
-    if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
+    if (world := world_size_from_env()) > 1:
         console.print(f"data-parallel over {world} processes; process 0 logs, evaluates and checkpoints")
     a = cfg.algorithm
     names, weights = reward_spec(cfg)

@@ -28,7 +28,13 @@ T = TypeVar("T")
 
 
 def world_size_from_env() -> int:
+    """Processes of this launch, as torchrun / accelerate launch set them (1 when not launched)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    """This process's rank in its launch (0 when not launched), known before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def runs_on_cpu(device: str) -> bool:
@@ -44,6 +50,10 @@ def agree(obj: T, device: str) -> T:
     from accelerate import PartialState
 
     PartialState(cpu=runs_on_cpu(device))  # sets up the process group that the trainer's Accelerator then uses
+    return _broadcast(obj)
+
+
+def _broadcast(obj: T) -> T:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
@@ -163,11 +173,7 @@ class Processes:
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's object, on every process."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+        return obj if self.world == 1 else _broadcast(obj)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from reasonrl import algorithms
 from reasonrl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from reasonrl.config import Config, config_diff, load_config
 from reasonrl.data import Problem
-from reasonrl.distributed import Processes, agree, runs_on_cpu
+from reasonrl.distributed import Processes, agree, rank_from_env, runs_on_cpu
 from reasonrl.errors import UserError
 from reasonrl.evaluate import evaluate
 from reasonrl.feedback import MODES, FeedbackBuilder, FeedbackStats, Rollout, templates_for
@@ -827,7 +826,7 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
 def new_run_dir(cfg: Config) -> Path:
     name = cfg.train.run_name or agree(f"{cfg.algorithm.advantage}-{datetime.now():%Y%m%d-%H%M%S}", cfg.model.device)
     path = Path(cfg.train.output_dir) / name
-    if (path / "config.yaml").exists() and int(os.environ.get("RANK", "0")) == 0:  # process 0 writes it
+    if (path / "config.yaml").exists() and rank_from_env() == 0:  # process 0 writes it
         raise UserError(f"run directory {path} exists; pick another train.run_name or resume with --resume {path}")
     return path  # created by the Trainer once data and model have loaded, so a failed start leaves nothing
 
