@@ -387,6 +387,7 @@ class Trainer:
             rounds += 1
             if not a.dynamic_sampling or rounds > a.max_resample:
                 break
+        all_rewards, all_correct = procs.gather(rewards), procs.gather(correct)  # the global batch's, for metrics
         metrics: dict[str, float] = {"dynamic_sampling/rounds": rounds, "groups": kept}
         # every token this step generated, kept or not: rollouts of dropped groups and LANPO's lessons count too,
         # so that a token budget charges each method for all the generation it did
@@ -401,8 +402,8 @@ class Trainer:
                 _feedback_metrics(
                     procs.gather(feedback_stats),
                     procs.gather([(r.mode, r.context_tokens) for r in rollouts]),
-                    procs.gather(rewards),
-                    procs.gather(correct),
+                    all_rewards,
+                    all_correct,
                 )
             )
         if kept == 0:  # dynamic sampling found no informative group: nothing to learn from this step
@@ -451,13 +452,13 @@ class Trainer:
             seqs = procs.gather(  # (length, truncated, |advantage|) of every trained sequence
                 [(len(c.token_ids), c.truncated, abs(float(x))) for c, x in zip(completions, advantages, strict=True)]
             )
-            all_rewards, all_correct = torch.tensor(procs.gather(rewards), dtype=torch.float64), procs.gather(correct)
+            reward_all = torch.tensor(all_rewards, dtype=torch.float64)
             n_tokens = sum(n for n, _, _ in seqs)
             lengths = torch.tensor([n for n, _, _ in seqs], dtype=torch.float)
             metrics.update(
                 {
-                    "reward/mean": float(all_rewards.mean()),
-                    "reward/std": float(all_rewards.std()) if len(all_rewards) > 1 else 0.0,
+                    "reward/mean": float(reward_all.mean()),
+                    "reward/std": float(reward_all.std()) if len(reward_all) > 1 else 0.0,
                     "accuracy": sum(all_correct) / len(all_correct),
                     "zero_std_groups": zero_std_first_round,
                     "completion/len_mean": float(lengths.mean()),
