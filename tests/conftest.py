@@ -41,6 +41,19 @@ def tiny_config(tiny_overrides) -> Config:
     return load_config(None, tiny_overrides)
 
 
+def user_error(parts: list[str], fn, *args, **kwargs) -> str:
+    """Call fn expecting a UserError: one line containing every part."""
+    from reasonrl.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for part in parts:
+        assert part in msg, f"{part!r} not in {msg!r}"
+    return msg
+
+
 def length_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
     """A dense test reward (length plus a content hash) so that even an untrained policy gets non-zero advantages."""
     return [len(c) / 10 + sum(map(ord, c)) % 7 / 7 for c in completions]

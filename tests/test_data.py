@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import user_error as expect_user_error
 
 from reasonrl.data import DEFAULT_COLUMNS, Problem, load_problems, write_jsonl
 from reasonrl.errors import UserError
@@ -37,14 +38,8 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def user_error(match_parts: list[str], *args: Any, **kwargs: Any) -> str:
-    """Call load_problems expecting a UserError; check it is one line containing every part."""
-    with pytest.raises(UserError) as info:
-        load_problems(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    for part in match_parts:
-        assert part in msg, f"{part!r} not in {msg!r}"
-    return msg
+    """Call load_problems expecting a one-line UserError containing every part."""
+    return expect_user_error(match_parts, load_problems, *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- round trips

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import untrained_run
+from conftest import untrained_run, user_error
 
 from reasonrl import arithmetic
 from reasonrl import evaluate as evaluate_module
@@ -30,7 +30,6 @@ from reasonrl.benchmarks import (
 )
 from reasonrl.cli import main
 from reasonrl.data import Problem
-from reasonrl.errors import UserError
 from reasonrl.evaluate import _equivalence_table, evaluate, majority_vote, normalize_answer, pass_at_k
 from reasonrl.rewards import Rewards
 from reasonrl.rollout import Completion
@@ -107,17 +106,6 @@ def write(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def prompt(text: str) -> str:
     return f"{text}\n\n{INSTRUCTION}"
-
-
-def user_error(parts: list[str], fn, *args, **kwargs) -> str:
-    """Call fn expecting a UserError: one line containing every part."""
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    for part in parts:
-        assert part in msg, f"{part!r} not in {msg!r}"
-    return msg
 
 
 # ------------------------------------------------------------------------------------------------ presets
