@@ -91,7 +91,7 @@ class Processes:
         precision = "no" if mixed_precision == "none" else mixed_precision
         try:
             self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
-        except ValueError as e:  # e.g. fp16 without a GPU
+        except ValueError as e:  # a precision this machine cannot run (e.g. bf16 on an old GPU)
             raise UserError(f"train.mixed_precision={mixed_precision}: {str(e).splitlines()[0]}") from None
         _refuse_sharded(self.accelerator.distributed_type.value)
         self.rank = self.accelerator.process_index
