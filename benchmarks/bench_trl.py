@@ -76,6 +76,7 @@ class Workload:
     steps: int  # timed steps per run
     threads: int
     engine: str  # reasonrl's rollout.engine
+    workers: int = 0  # reasonrl's rollout.workers
 
     @property
     def completions_per_step(self) -> int:
@@ -202,6 +203,7 @@ def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS |
                 "top_p": 1.0,
                 "top_k": 0,
                 "batch_size": 0,
+                "workers": w.workers,
             },
             "rewards": {"functions": [REWARD_PATH], "weights": [1.0]},
             "algorithm": {
@@ -404,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmstart-steps", type=int, default=400, help="SFT steps of the tiny model (0 = random init)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
     ap.add_argument("--engine", choices=["fast", "hf"], default="fast", help="reasonrl's rollout.engine")
+    ap.add_argument("--workers", type=int, default=0, help="reasonrl's rollout.workers (0 = one per torch thread)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="also peak memory")
     ap.add_argument(
         "--malloc", choices=["keep", "default"], default="keep", help="keep freed memory in the process (glibc)"
@@ -441,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         a.steps,
         a.threads,
         a.engine,
+        a.workers,
     )
     torch.set_num_threads(w.threads)
     malloc = "glibc keeps freed memory" if a.malloc == "keep" and keep_freed_memory() else "default malloc"

@@ -198,12 +198,14 @@ def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, 
     width = max(len(c.token_ids) for c in comps)
     targets = torch.tensor([c.token_ids + [tok.pad_token_id] * (width - len(c.token_ids)) for c in comps])
     mask = torch.tensor([[1.0] * len(c.token_ids) + [0.0] * (width - len(c.token_ids)) for c in comps])
+    lengths = torch.tensor([len(c.token_ids) for c in comps])
+    assert len(set(lengths.tolist())) > 1  # the padding-free pass has padding to leave out
     model.train()
     results = []
     for fast in (True, False):
         monkeypatch.setattr(rollout, "fast_forward_supported", lambda model, fast=fast: fast)
         model.zero_grad(set_to_none=True)
-        logits = completion_logits(model, ids, real, which, targets)
+        logits = completion_logits(model, ids, real, which, targets, lengths)
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         (logp * mask).sum().backward()
         results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -279,7 +281,7 @@ def test_other_decoder_families_with_grouped_query_attention(family, monkeypatch
     width = max(len(c.token_ids) for c in b)
     targets = torch.tensor([c.token_ids + [tok.pad_token_id] * (width - len(c.token_ids)) for c in b])
     with torch.no_grad():
-        fast = completion_logits(model, pids, real, which, targets)
+        fast = completion_logits(model, pids, real, which, targets, torch.tensor([len(c.token_ids) for c in b]))
         monkeypatch.setattr(rollout, "fast_forward_supported", lambda model: False)
         plain = completion_logits(model, pids, real, which, targets)
     for r, c in enumerate(b):

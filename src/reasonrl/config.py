@@ -98,6 +98,12 @@ class RolloutConfig:
     top_p: float = _opt(1.0, "nucleus sampling", gt=0, le=1)
     top_k: int = _opt(0, "top-k sampling (0 = off)", ge=0)
     batch_size: int = _opt(0, "max sequences per generate call (0 = all at once)", ge=0)
+    workers: int = _opt(
+        0,
+        "fast engine on a CPU: processes sharing each generate call, one thread each (0 = one per torch thread, "
+        "1 = off)",
+        ge=0,
+    )
 
 
 @dataclass

@@ -53,6 +53,10 @@ class RolloutEngine(Protocol):
         """Called after every optimiser step; engines holding their own copy of the weights sync here."""
         ...
 
+    def close(self) -> None:
+        """Release what the engine holds beyond the policy (worker processes, servers)."""
+        ...
+
 
 class _PolicyEngine:
     """An engine that samples from the policy module itself (no copy of its weights), `batch_size` sequences at a
@@ -64,6 +68,9 @@ class _PolicyEngine:
 
     def load_weights(self, model: torch.nn.Module) -> None:  # same module: nothing to copy
         self.model = model
+
+    def close(self) -> None:
+        pass
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
         flat = [p for p in prompts for _ in range(n)]
@@ -160,17 +167,46 @@ class FastEngine(_PolicyEngine):
 
     DROP_FRACTION = 0.25  # compact the batch once this share of its rows has finished
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0) -> None:
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0, workers: int = 1) -> None:
         super().__init__(model, tokenizer, batch_size)
-        # per chunk of the last `generate` call: its prompts and the batch rows of each decode step (for profiling)
+        self.workers = workers  # processes sampling each chunk on a CPU (`rollout.workers`; 0 = one per torch thread)
+        self.pool: _Samplers | None = None
+        # per chunk (and process) of the last `generate` call: its prompts and the batch rows of each decode step
         self.trace: list[tuple[list[list[int]], list[int]]] = []
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
         self.trace = []
         return super().generate(prompts, n, sampling)
 
-    @torch.inference_mode()
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        samplers = self._samplers()
+        if samplers is None:
+            return self._sample(prompts, sampling)[0]
+        return samplers.generate(prompts, sampling)
+
+    def _samplers(self) -> _Samplers | None:
+        """The worker processes of `workers` > 1 on a CPU model (started on first use), else None."""
+        count = self.workers or torch.get_num_threads()  # 0 = auto: one process per torch thread
+        if count <= 1 or next(self.model.parameters()).device.type != "cpu" or not fork_available():
+            return None
+        if self.pool is None or self.pool.model is not self.model or self.pool.count != count:
+            self.close()
+            self.pool = _Samplers(self, count)
+        return self.pool
+
+    def close(self) -> None:
+        """Stop the worker processes (if any); the next `generate` starts them again."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    @torch.inference_mode()
+    def _sample(
+        self, prompts: list[list[int]], sampling: SamplingParams, chunk_rows: int = 0, first_row: int = 0
+    ) -> tuple[list[Completion], int]:
+        """(completions, noise draws) for `prompts`: rows `first_row`.. of a chunk of `chunk_rows` (0: these rows
+        are the whole chunk). Each step draws the noise of the whole chunk and uses its own rows' share, so that a
+        chunk split between processes samples what one process would, and each process's RNG advances alike."""
         model = self.model
         device = next(model.parameters()).device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -178,8 +214,10 @@ class FastEngine(_PolicyEngine):
         greedy = sampling.temperature == 0
         temp = 1.0 if greedy else sampling.temperature
         B, T = len(prompts), sampling.max_new_tokens
+        chunk_rows = chunk_rows or B
         prompt_ids, prompt_mask, which = pad_prompts(prompts, pad_id, device)
         decoder = _BufferedDecoder if fast_forward_supported(model) else _CacheDecoder
+        draws = 0
         was_training = model.training
         model.eval()
         try:
@@ -202,8 +240,9 @@ class FastEngine(_PolicyEngine):
                     nxt = torch.argmax(scores, dim=-1)
                 else:
                     probs = torch.softmax(_filter(scores, sampling.top_k, sampling.top_p), dim=-1)
-                    noise = torch.empty((B, probs.shape[-1]), dtype=probs.dtype, device=device).exponential_()
-                    nxt = torch.argmax(probs / noise[active], dim=-1)
+                    noise = torch.empty((chunk_rows, probs.shape[-1]), dtype=probs.dtype, device=device).exponential_()
+                    draws += 1
+                    nxt = torch.argmax(probs / noise[first_row : first_row + B][active], dim=-1)
                 logp_all = torch.log_softmax(scores, dim=-1)
                 logp = logp_all.gather(-1, nxt[:, None]).squeeze(1)
                 entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -252,7 +291,125 @@ class FastEngine(_PolicyEngine):
                     entropies=entropies_l[i][: kept_l[i]],
                 )
             )
+        return out, draws
+
+
+def fork_available() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+class _Samplers:
+    """`count` - 1 forked processes that sample a share of each chunk's rows beside this one, one torch thread each.
+
+    On a CPU a small model's decode step is hundreds of small ops that a second intra-op thread barely speeds up,
+    while whole rows split between processes run in parallel. The policy's parameters and buffers are moved to
+    shared memory before the fork, so every process samples from the current weights without copying them. Each
+    process starts from this process's RNG state and draws the noise of the whole chunk at every step
+    (`FastEngine._sample`), so the split samples the same tokens as one process; afterwards this process takes the
+    RNG state of whichever process ran the most steps, which is where one process would have left it."""
+
+    def __init__(self, engine: FastEngine, count: int) -> None:
+        import multiprocessing
+
+        self.model, self.count = engine.model, count
+        engine.model.share_memory()
+        _release_free_memory()  # freed heap pages would be shared copy-on-write: this process's reuse would copy them
+        ctx = multiprocessing.get_context("fork")
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        for _ in range(count - 1):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_sampler_loop, args=(engine, theirs), name="reasonrl-sampler", daemon=True)
+            proc.start()
+            theirs.close()
+            self.conns.append(mine)
+            self.procs.append(proc)
+        self.engine = engine
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        B, k = len(prompts), min(self.count, len(prompts))
+        bounds = [round(i * B / k) for i in range(k + 1)]
+        rng = torch.get_rng_state()
+        sent = list(zip(self.conns, self.procs, strict=True))[: k - 1]
+        for (conn, _), lo, hi in zip(sent, bounds[1:-1], bounds[2:], strict=True):
+            conn.send((prompts[lo:hi], sampling, B, lo, rng))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            out, draws = self.engine._sample(prompts[: bounds[1]], sampling, B, 0)
+        finally:  # every reply is read even when this share failed, so that none is left for the next call
+            torch.set_num_threads(threads)
+            replies = [_receive(conn, proc) for conn, proc in sent]
+        for reply in replies:
+            if isinstance(reply, str):
+                raise RuntimeError(f"rollout worker: {reply}")
+            comps, their_draws, state, trace = reply
+            out += comps
+            self.engine.trace += trace
+            if their_draws > draws:
+                draws = their_draws
+                torch.set_rng_state(state)
         return out
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+                conn.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.conns, self.procs = [], []
+
+
+def _release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`), where there is one."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
+def _receive(conn: Any, proc: Any) -> Any:
+    """A worker's reply, or a line saying why there is none."""
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        proc.join(timeout=1)
+        return f"process {proc.pid} died (exit code {proc.exitcode})"
+
+
+def _sampler_loop(engine: FastEngine, conn: Any) -> None:
+    """A rollout worker: sample the rows it is sent until told to stop (None) or its parent goes away."""
+    import gc
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
+    gc.freeze()  # the collector leaves the inherited objects alone, so their pages stay shared with the parent
+    torch.set_num_threads(1)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        prompts, sampling, chunk_rows, first_row, rng = msg
+        try:
+            torch.set_rng_state(rng)
+            engine.trace = []
+            comps, draws = engine._sample(prompts, sampling, chunk_rows, first_row)
+            conn.send((comps, draws, torch.get_rng_state(), engine.trace))
+        except Exception as e:  # reported by the parent, which raises it
+            conn.send(f"{type(e).__name__}: {e}")
 
 
 def _filter(scores: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -370,15 +527,23 @@ class _SharedPrefix:
 
 
 def completion_logits(
-    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, which: Tensor, completions: Tensor
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    which: Tensor,
+    completions: Tensor,
+    lengths: Tensor | None = None,
 ) -> Tensor:
-    """Teacher-forced logits [N, T, V] predicting each token of `completions` [N, T] (right-padded) after its prompt
-    (row `which[i]` of the left-padded distinct prompts `prompt_ids` [U, W] / `prompt_mask`).
+    """Teacher-forced logits [N, T, V] predicting each token of `completions` [N, T] (right-padded; `lengths` [N]
+    tokens each, default all T) after its prompt (row `which[i]` of the left-padded distinct prompts `prompt_ids`
+    [U, W] / `prompt_mask`). Logits past a row's length are zeros (fast path) or padding's (generic path).
 
-    Fast path: each distinct prompt runs once; its keys and values are shared by its completions, which run as one
-    right-padded block behind them (the last completion token is only a target and is not run). The logits equal
-    those of running every prompt + completion as one sequence, up to float rounding. Generic path: exactly that,
-    prompts left-padded in front of their completions."""
+    Fast path: each distinct prompt runs once; its keys and values are shared by its completions, which run behind
+    them (the last completion token is only a target and is not run). For Llama / Qwen2 / Qwen3 the completions'
+    tokens run padding-free through the model's own layers (`_layer_stack`): projections, norms and MLPs see only
+    real tokens, and only attention works on the padded block. The logits equal those of running every
+    prompt + completion as one sequence, up to float rounding. Generic path: exactly that, prompts left-padded in
+    front of their completions."""
     N, T = completions.shape
     bare = _bare(model)  # `model` may be a data-parallel wrapper: it runs the passes, the bare model describes them
     # (HF gradient checkpointing turns the shared-prefix cache off while training: then run whole sequences)
@@ -396,19 +561,42 @@ def completion_logits(
     first = _prefill(model, prompt_ids, prompt_mask, cache)[which][:, None]  # predicts completion token 0
     if T == 1:
         return first
-    cache.which = which
-    W, steps = prompt_ids.shape[1], T - 1
-    causal = torch.ones((steps, steps), dtype=torch.bool, device=completions.device).tril()
+    W, steps, device = prompt_ids.shape[1], T - 1, completions.device
+    causal = torch.ones((steps, steps), dtype=torch.bool, device=device).tril()
     allowed = torch.cat([prompt_mask[which][:, None, :].expand(N, steps, W), causal[None].expand(N, steps, steps)], -1)
-    positions = prompt_mask.sum(-1)[which][:, None] + torch.arange(steps, device=completions.device)
-    out = model(
-        input_ids=completions[:, :-1],
-        attention_mask=_mask(model, allowed[:, None]),
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return torch.cat([first, out.logits], dim=1)
+    mask = _mask(model, allowed[:, None])
+    positions = prompt_mask.sum(-1)[which][:, None] + torch.arange(steps, device=device)
+    lm = _causal_lm(bare)
+    parts = _layerwise_parts(lm)
+    if parts is None:  # same layout, through the model's forward (padded)
+        cache.which = which
+        out = model(
+            input_ids=completions[:, :-1],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return torch.cat([first, out.logits], dim=1)
+    lengths = torch.full((N,), T, device=device) if lengths is None else lengths.clamp(max=T)
+    real = torch.arange(steps, device=device)[None] < (lengths[:, None] - 1)  # [N, steps]: tokens that are run
+    at = real.flatten().nonzero().squeeze(1)  # their places in the padded block, row-major
+    hidden = lm.model.embed_tokens(completions[:, :-1].flatten()[at])[None]  # [1, M, H]: the real tokens in a row
+    cos, sin = lm.model.rotary_emb(hidden, positions.flatten()[at][None])
+
+    def padded(x: Tensor) -> Tensor:  # [M, ...] token rows -> [N, steps, ...], zeros elsewhere
+        return x.new_zeros((N * steps, *x.shape[1:])).index_copy(0, at, x).unflatten(0, (N, steps))
+
+    def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # to the padded block [N, heads, steps, d] behind each row's prompt keys / values, and back to the tokens
+        q, k, v = (padded(x[0].transpose(0, 1)).transpose(1, 2) for x in (q, k, v))
+        keys = torch.cat([cache.keys[i][which], k.to(cache.keys[i].dtype)], dim=-2)
+        values = torch.cat([cache.values[i][which], v.to(cache.values[i].dtype)], dim=-2)
+        out = _attention(parts[1], attn, q, keys, values, mask)  # [N, steps, heads, d]
+        return out.reshape(N * steps, -1).index_select(0, at)[None]
+
+    logits = lm.lm_head(_layer_stack(lm, parts[0], hidden, cos, sin, attend))[0]  # [M, V]
+    return torch.cat([first, padded(logits).to(first.dtype)], dim=1)
 
 
 class _KVBuffers:
@@ -456,7 +644,9 @@ class _BufferedDecoder:
         self.model, self.ids, self.real, self.which = model, ids, real, which
         self.capacity = ids.shape[1] + max_new_tokens
         self.cache = _KVBuffers()
-        self.layerwise = _layerwise_parts(model)
+        self.lm = _causal_lm(model)
+        self.layerwise = _layerwise_parts(self.lm)
+        self.rotary: tuple[Tensor, Tensor] | None = None  # cos, sin of every position (layerwise decode)
 
     def prefill(self) -> Tensor:
         logits = _prefill(self.model, self.ids, self.real, self.cache)
@@ -472,13 +662,13 @@ class _BufferedDecoder:
         if keep is not None:
             c.select(keep)
             self.allowed = self.allowed[keep]
-        mask = _mask(self.model, self.allowed[:, None, None, : c.length + 1])
+        allowed = self.allowed[:, None, None, : c.length + 1]
         if self.layerwise is not None:
-            logits = self._decode_layerwise(tokens[:, None], positions[:, None], mask)
+            logits = self._decode_layerwise(tokens[:, None], positions[:, None], allowed)
         else:
             out = self.model(
                 input_ids=tokens[:, None],
-                attention_mask=mask,
+                attention_mask=_mask(self.model, allowed),
                 position_ids=positions[:, None],
                 past_key_values=c,
                 use_cache=True,
@@ -487,33 +677,82 @@ class _BufferedDecoder:
         c.length += 1
         return logits
 
-    def _decode_layerwise(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
-        """One decode step through the model's own modules and functions, layer by layer: what its forward computes,
-        op for op, without transformers' per-call wrappers (argument merging, output records, mask dispatch)."""
-        model, (rope, attention) = self.model, self.layerwise
-        inner = model.model
-        hidden = inner.embed_tokens(input_ids)
-        cos, sin = inner.rotary_emb(hidden, position_ids)
-        rows = input_ids.shape[0]
-        for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            shape = (rows, 1, -1, attn.head_dim)
-            q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
-            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of each head's query and key
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            k, v = self.cache.update(k, v.transpose(1, 2), i)
-            extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
-            out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)
-            hidden = hidden + attn.o_proj(out.reshape(rows, 1, -1).contiguous())
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return model.lm_head(inner.norm(hidden))[:, -1]
+    def _decode_layerwise(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor) -> Tensor:
+        """One decode step through the model's own modules and functions, layer by layer (`_layer_stack`): what its
+        forward computes, op for op, without transformers' per-call wrappers. The rotary cosines and sines of every
+        position are computed once per chunk (by the model's own rotary module) and looked up. On a CPU the one new
+        query per row attends through `_decode_attention`; elsewhere through the model's attention function."""
+        lm, (rope, attention) = self.lm, self.layerwise
+        hidden = lm.model.embed_tokens(input_ids)
+        if self.rotary is None:
+            table = torch.arange(self.capacity, device=input_ids.device)[None]
+            self.rotary = lm.model.rotary_emb(hidden, table)
+        cos, sin = self.rotary[0][0][position_ids], self.rotary[1][0][position_ids]
+        if input_ids.device.type == "cpu":
+            bias = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+
+            def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                k, v = self.cache.update(k, v, i)
+                return _decode_attention(q, k, v, bias, attn.scaling)
+
+        else:
+            mask = _mask(self.model, allowed)
+
+            def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                k, v = self.cache.update(k, v, i)
+                return _attention(attention, attn, q, k, v, mask).reshape(len(input_ids), 1, -1)
+
+        return lm.lm_head(_layer_stack(lm, rope, hidden, cos, sin, attend))[:, -1]
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float) -> Tensor:
+    """Attention of one new query per row, q [B, heads, 1, d], over the cached k, v [B, kv heads, L, d] with an
+    additive mask `bias` [B, 1, 1, L]: [B, 1, heads * d]. Computed as transformers' eager attention computes it
+    (scores, float32 softmax, weighted values), with each key / value head's query heads grouped instead of its cache
+    repeated. On a CPU this beats the fused sdpa kernel, whose overhead per row and head outweighs a single query's
+    work; it agrees with it to float rounding."""
+    B, kv_heads = k.shape[:2]
+    scores = torch.matmul(q.reshape(B, kv_heads, -1, q.shape[-1]), k.transpose(-1, -2)) * scaling + bias
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v).reshape(B, 1, -1)
+
+
+def _causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside data-parallel and peft wrappers (its modules carry any LoRA layers)."""
+    model = _bare(model)
+    get_base = getattr(model, "get_base_model", None)  # peft
+    return get_base() if callable(get_base) else model
+
+
+def _attention(function: Any, attn: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """The model's attention `function` (sdpa or eager) as its attention module `attn` calls it: [B, L, heads, d]."""
+    extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
+    dropout = attn.attention_dropout if attn.training else 0.0
+    return function(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, **extra)[0]
+
+
+def _layer_stack(lm: Any, rope: Any, hidden: Tensor, cos: Tensor, sin: Tensor, attend: Any) -> Tensor:
+    """The decoder layers and final norm of a Llama / Qwen2 / Qwen3 causal LM over `hidden` [B, L, H], written as
+    their forward writes them; `attend(i, attention module, q, k, v)` (post-rotary, [B, heads, L, d]) returns layer
+    i's attention output [B, L, heads * d], so that callers choose the keys, values and masks. `rope` is the
+    model's rotary function (`_layerwise_parts`)."""
+    B, L = hidden.shape[:2]
+    for i, layer in enumerate(lm.model.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        shape = (B, L, -1, attn.head_dim)
+        q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of each head's query and key
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        hidden = hidden + attn.o_proj(attend(i, attn, q, k, v.transpose(1, 2)).contiguous())
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return lm.model.norm(hidden)
 
 
 def _layerwise_parts(model: Any) -> tuple[Any, Any] | None:
-    """(rotary function, attention function) of a Llama / Qwen2 / Qwen3 model laid out as transformers writes them,
-    for `_BufferedDecoder._decode_layerwise`; None when anything differs (the decoder then calls the model)."""
+    """(rotary function, attention function) of a Llama / Qwen2 / Qwen3 causal LM laid out as transformers writes
+    them, for `_layer_stack`; None when anything differs (callers then run the model's forward)."""
     import sys
 
     inner = getattr(model, "model", None)
@@ -580,10 +819,12 @@ class _CacheDecoder:
 ENGINES = {"hf": HFEngine, "fast": FastEngine}
 
 
-def make_engine(name: str, model: Any, tokenizer: Any, batch_size: int = 0) -> RolloutEngine:
-    """The rollout engine called `name` (`rollout.engine`)."""
+def make_engine(name: str, model: Any, tokenizer: Any, batch_size: int = 0, workers: int = 1) -> RolloutEngine:
+    """The rollout engine called `name` (`rollout.engine`); `workers` is the fast engine's process count."""
     if name not in ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if name == "fast":
+        return FastEngine(model, tokenizer, batch_size=batch_size, workers=workers)
     return ENGINES[name](model, tokenizer, batch_size=batch_size)
 
 

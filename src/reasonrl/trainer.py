@@ -115,6 +115,7 @@ class MicroBatch:
     prompt_mask: Tensor  # [U, W] bool: real prompt tokens
     which: Tensor  # [B] the prompt (row of `prompt_ids`) of each sequence
     targets: Tensor  # [B, T] completion tokens, right-padded: column t is completion token t
+    lengths: Tensor  # [B] completion tokens of each sequence
     mask: Tensor  # [B, T] 1 on completion tokens that enter the loss
     behaviour_logp: Tensor  # [B, T] log-probs recorded by the rollout engine
     advantages: Tensor  # [B]
@@ -141,26 +142,18 @@ def make_micro_batches(
         chunk = completions[lo : lo + size]
         prompt_ids, prompt_mask, which = pad_prompts([c.prompt_ids for c in chunk], pad_id, device)
         width = max(1, max(len(c.token_ids) for c in chunk))
-        targets = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width))
-        blogp = torch.zeros((len(chunk), width))
-        with_entropy = all(c.entropies is not None for c in chunk)
-        bent = torch.zeros((len(chunk), width)) if with_entropy else None
-        for r, c in enumerate(chunk):
-            n = len(c.token_ids)
-            if n:
-                targets[r, :n] = torch.tensor(c.token_ids)
-                blogp[r, :n] = torch.tensor(c.logprobs)
-                if bent is not None:
-                    bent[r, :n] = torch.tensor(c.entropies)
-                if loss_mask[lo + r]:
-                    mask[r, :n] = 1
+        targets = _right_padded([c.token_ids for c in chunk], width, pad_id, torch.long)
+        mask = _right_padded([[float(loss_mask[lo + r])] * len(c.token_ids) for r, c in enumerate(chunk)], width)
+        blogp = _right_padded([c.logprobs for c in chunk], width)
+        entropies = [c.entropies for c in chunk]
+        bent = _right_padded(entropies, width) if all(e is not None for e in entropies) else None  # type: ignore[arg-type]
         out.append(
             MicroBatch(
                 prompt_ids,
                 prompt_mask,
                 which,
                 targets.to(device),
+                torch.tensor([len(c.token_ids) for c in chunk], device=device),
                 mask.to(device),
                 blogp.to(device),
                 advantages[lo : lo + size].to(device),
@@ -170,6 +163,10 @@ def make_micro_batches(
             )
         )
     return out
+
+
+def _right_padded(rows: list[list], width: int, fill: float = 0.0, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.tensor([row + [fill] * (width - len(row)) for row in rows], dtype=dtype)
 
 
 def select_rows(
@@ -189,6 +186,7 @@ def select_rows(
         prompt_mask[:, first:],
         which,
         mb.targets[idx, :width],
+        mb.lengths[idx],
         mb.mask[idx, :width],
         mb.behaviour_logp[idx, :width],
         mb.advantages[idx],
@@ -221,7 +219,7 @@ def token_logprobs(
     Each distinct prompt of the micro-batch runs once and its completions attend to its keys and values
     (`rollout.completion_logits`): the same log-probs as one pass per prompt + completion, up to float rounding.
     `chunk` > 0 uses the memory-efficient kernel (`logprobs.py`, `train.logprob_chunk`)."""
-    logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets)
+    logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets, mb.lengths)
     return selected_logprobs(logits, mb.targets, temperature, chunk, with_entropy)
 
 
@@ -244,14 +242,22 @@ class Trainer:
         if t.gradient_checkpointing:
             _enable_activation_checkpointing(self.model)
         self.rewards = build_rewards(cfg, self.tokenizer)
-        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer, batch_size=cfg.rollout.batch_size)
+        self.engine = make_engine(
+            cfg.rollout.engine,
+            self.model,
+            self.tokenizer,
+            batch_size=cfg.rollout.batch_size,
+            workers=cfg.rollout.workers if procs.world == 1 else 1,  # launched processes already share the cores
+        )
         self.ref_model = None
         if a.beta > 0 and not cfg.lora.enabled:  # k3 KL against the policy before RL; LoRA: the adapter-free base
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             if t.ref_offload:
                 self.ref_model.to("cpu")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        # the fused kernel (one per parameter instead of a dozen ops) where torch has it: same update to float rounding
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
         # `train_model` is what the loss runs through (accelerate's DDP wrapper with several processes, else the
         # model itself); generation, evaluation and checkpoints use the bare `model`, which shares its parameters.
         self.train_model, self.optimizer = procs.prepare(self.model, optimizer)
@@ -722,6 +728,7 @@ class Trainer:
         self.procs.barrier()
 
     def close(self) -> None:
+        self.engine.close()
         self.rewards.close()
         if self.logger is not None:
             self.logger.close()
