@@ -739,15 +739,26 @@ def _layer_stack(lm: Any, rope: Any, hidden: Tensor, cos: Tensor, sin: Tensor, a
     B, L = hidden.shape[:2]
     for i, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
+        x = _rms_norm(layer.input_layernorm, hidden)
         shape = (B, L, -1, attn.head_dim)
         q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of each head's query and key
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
         q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         hidden = hidden + attn.o_proj(attend(i, attn, q, k, v.transpose(1, 2)).contiguous())
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return lm.model.norm(hidden)
+        hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+    return _rms_norm(lm.model.norm, hidden)
+
+
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x / sqrt(mean(x²) + eps), computed in fp32
+
+
+def _rms_norm(module: Any, x: Tensor) -> Tensor:
+    """`module(x)` for transformers' RMSNorm modules of these families, as torch's single `rms_norm` op in float32
+    (bit for bit the same values as their six ops there); any other module or dtype runs its own forward."""
+    if type(module).__name__ in RMS_NORMS and x.dtype == torch.float32 and module.weight.dtype == torch.float32:
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+    return module(x)
 
 
 def _layerwise_parts(model: Any) -> tuple[Any, Any] | None:
