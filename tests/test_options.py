@@ -222,3 +222,38 @@ def test_mixed_precision_fp16_on_the_cpu_is_a_one_line_error(tiny_overrides, cap
     assert main(["train", *tiny_overrides, "train.mixed_precision=fp16"]) == 2
     err = capsys.readouterr().err
     assert "fp16" in err and "GPU" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_rollout_workers_give_the_same_step(tiny_overrides, tmp_path, workers):
+    """rollout.workers: 0 = one sampling process per torch thread, 1 = this process only, 2 = two. The samples and
+    the update are those of one process (log-probs to float rounding); the value is saved with the run, and closing
+    the trainer stops the workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer = Trainer(load_config(None, [*tiny_overrides, *DENSE, f"rollout.workers={workers}"]), tmp_path / "run")
+        metrics = trainer.train_step()
+        pool = trainer.engine.pool
+        assert (pool.count if pool else 1) == (workers or 2)
+        procs = list(pool.procs) if pool else []
+        assert all(p.is_alive() for p in procs)
+        trainer.close()
+        assert not any(p.is_alive() for p in procs)
+        assert f"workers: {workers}" in (tmp_path / "run" / "config.yaml").read_text()
+        _, reference, _ = step(tiny_overrides, tmp_path / "one", "rollout.workers=1")
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("reward/mean", "completion/len_mean", "tokens/generated"):
+        assert metrics[key] == reference[key], key
+    for key in ("loss", "entropy", "grad_norm"):
+        assert metrics[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rollout_workers_need_the_fast_engine(tiny_overrides):
+    from conftest import user_error
+
+    msg = user_error(["rollout.workers=2", "rollout.engine=fast"], load_config, None,
+                     [*tiny_overrides, "rollout.engine=hf", "rollout.workers=2"])  # fmt: skip
+    assert "Traceback" not in msg
+    assert load_config(None, [*tiny_overrides, "rollout.engine=hf", "rollout.workers=0"]).rollout.workers == 0

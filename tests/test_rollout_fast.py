@@ -8,6 +8,8 @@ HFEngine's and of the trainer's recomputation; shared-prompt logits and gradient
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import TINY
@@ -287,3 +289,116 @@ def test_other_decoder_families_with_grouped_query_attention(family, monkeypatch
     for r, c in enumerate(b):
         n = len(c.token_ids)
         assert torch.allclose(fast[r, :n], plain[r, :n], rtol=1e-5, atol=1e-5)
+
+
+# ---- rollout.workers: one chunk sampled by several processes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_worker_processes_sample_what_one_process_samples(policy, workers):
+    """The rows of each chunk split between `workers` processes: the same tokens and texts, log-probs and entropies
+    to float rounding, and the RNG left where one process leaves it, whichever share ran the most steps; sampled,
+    filtered, greedy, and in chunks (`batch_size`)."""
+    model, tok, prompts = policy
+    longest = set()  # which share ran the most steps, over the sampled runs
+    cases = [(SamplingParams(32, 1.0), 4, 0), (SamplingParams(32, 0.8, 0.9, 20), 3, 7), (SamplingParams(16, 0.0), 2, 0)]
+    for (sampling, n, size), order in itertools.product(cases, (prompts, prompts[::-1])):
+        for seed in range(3):
+            split = FastEngine(model, tok, batch_size=size, workers=workers)
+            try:
+                a, b, same_rng = _both(FastEngine(model, tok, batch_size=size), split, order, n, sampling, seed)
+            finally:
+                split.close()
+            _same(a, b)
+            assert same_rng
+            for x, y in zip(a, b, strict=True):
+                assert max(abs(u - v) for u, v in zip(x.entropies, y.entropies, strict=True)) < 1e-5
+            chunk = size or len(order) * n
+            assert len(split.trace) == sum(min(workers, len(range(lo, min(lo + chunk, len(b))))) for lo in
+                                           range(0, len(b), chunk))  # fmt: skip
+            steps = [len(rows) for _, rows in split.trace[:workers]]  # the first chunk's shares
+            if sampling.temperature > 0 and len(set(steps)) > 1:
+                longest.add(steps.index(max(steps)) == 0)
+    assert longest == {True, False}  # both this process's share and a worker's share ran longest at some point
+
+
+def test_worker_processes_sample_from_the_current_weights(policy):
+    """The workers share the policy's tensors: an in-place update (as the optimiser makes) is what they sample from
+    next."""
+    model, tok, prompts = policy
+    original = [p.detach().clone() for p in model.parameters()]
+    split = FastEngine(model, tok, workers=2)
+    sampling = SamplingParams(24, 1.0)
+    try:
+        split.generate(prompts, 2, sampling)  # starts the workers
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.9)
+        a, b, same_rng = _both(FastEngine(model, tok), split, prompts, 2, sampling)
+        _same(a, b)
+        assert same_rng
+    finally:
+        split.close()
+        with torch.no_grad():
+            for p, o in zip(model.parameters(), original, strict=True):
+                p.copy_(o)
+
+
+def test_a_dead_worker_is_reported_and_close_stops_the_workers(policy):
+    import os
+    import signal
+
+    model, tok, prompts = policy
+    engine = FastEngine(model, tok, workers=2)
+    sampling = SamplingParams(8, 1.0)
+    engine.generate(prompts, 2, sampling)
+    (proc,) = engine.pool.procs
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    with pytest.raises(RuntimeError, match=f"rollout worker: process {proc.pid} died"):
+        engine.generate(prompts, 2, sampling)
+    a, b, same_rng = _both(FastEngine(model, tok), engine, prompts, 2, sampling)  # the next call starts new workers
+    _same(a, b)
+    assert same_rng
+    (new,) = engine.pool.procs
+    assert new.pid != proc.pid
+    engine.close()
+    assert engine.pool is None and not new.is_alive()
+
+
+def test_worker_count(policy, monkeypatch):
+    """0 = one process per torch thread; 1 = none; none on a model off the CPU or without fork."""
+    model, tok, prompts = policy
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert FastEngine(model, tok, workers=0)._samplers() is None
+        torch.set_num_threads(2)
+        auto = FastEngine(model, tok, workers=0)
+        assert auto._samplers().count == 2
+        auto.close()
+        assert FastEngine(model, tok, workers=1)._samplers() is None
+        monkeypatch.setattr(rollout, "fork_available", lambda: False)
+        assert FastEngine(model, tok, workers=2)._samplers() is None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_decode_attention_equals_a_naive_loop():
+    """`_decode_attention` (grouped query heads, additive mask) against a loop over rows and heads."""
+    torch.manual_seed(0)
+    B, heads, kv_heads, L, d = 3, 4, 2, 6, 8
+    q, k, v = torch.randn(B, heads, 1, d), torch.randn(B, kv_heads, L, d), torch.randn(B, kv_heads, L, d)
+    allowed = torch.rand(B, 1, 1, L) > 0.3
+    allowed[..., -1] = True  # the new token itself
+    bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    out = rollout._decode_attention(q, k, v, bias, d**-0.5)
+    assert out.shape == (B, 1, heads * d)
+    for b in range(B):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = [float(q[b, h, 0] @ k[b, kv, j]) * d**-0.5 for j in range(L) if allowed[b, 0, 0, j]]
+            weights = torch.tensor(scores).softmax(0)
+            keys = [j for j in range(L) if allowed[b, 0, 0, j]]
+            expected = sum(w * v[b, kv, j] for w, j in zip(weights, keys, strict=True))
+            assert torch.allclose(out[b, 0, h * d : (h + 1) * d], expected, atol=1e-5)

@@ -105,6 +105,13 @@ class RolloutConfig:
         ge=0,
     )
 
+    def __post_init__(self) -> None:
+        if self.workers > 1 and self.engine != "fast":
+            raise UserError(
+                f"config 'rollout.workers={self.workers}' needs rollout.engine=fast (transformers.generate cannot "
+                "split a batch between processes); set rollout.workers=1 or rollout.engine=fast"
+            )
+
 
 @dataclass
 class RewardConfig:

@@ -189,7 +189,7 @@ class FastEngine(_PolicyEngine):
         count = self.workers or torch.get_num_threads()  # 0 = auto: one process per torch thread
         if count <= 1 or next(self.model.parameters()).device.type != "cpu" or not fork_available():
             return None
-        if self.pool is None or self.pool.model is not self.model or self.pool.count != count:
+        if self.pool is None or not self.pool.procs or self.pool.model is not self.model or self.pool.count != count:
             self.close()
             self.pool = _Samplers(self, count)
         return self.pool
@@ -333,17 +333,18 @@ class _Samplers:
         bounds = [round(i * B / k) for i in range(k + 1)]
         rng = torch.get_rng_state()
         sent = list(zip(self.conns, self.procs, strict=True))[: k - 1]
-        for (conn, _), lo, hi in zip(sent, bounds[1:-1], bounds[2:], strict=True):
-            conn.send((prompts[lo:hi], sampling, B, lo, rng))
+        failed = [_send(conn, proc, (prompts[lo:hi], sampling, B, lo, rng)) for (conn, proc), lo, hi in
+                  zip(sent, bounds[1:-1], bounds[2:], strict=True)]  # fmt: skip
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             out, draws = self.engine._sample(prompts[: bounds[1]], sampling, B, 0)
         finally:  # every reply is read even when this share failed, so that none is left for the next call
             torch.set_num_threads(threads)
-            replies = [_receive(conn, proc) for conn, proc in sent]
+            replies = [f or _receive(conn, proc) for f, (conn, proc) in zip(failed, sent, strict=True)]
         for reply in replies:
             if isinstance(reply, str):
+                self.close()  # the engine starts a new set of workers on its next call
                 raise RuntimeError(f"rollout worker: {reply}")
             comps, their_draws, state, trace = reply
             out += comps
@@ -376,6 +377,16 @@ def _release_free_memory() -> None:
 
     with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
+def _send(conn: Any, proc: Any, msg: Any) -> str | None:
+    """Send a worker its share; None, or a line saying why it could not be sent."""
+    try:
+        conn.send(msg)
+    except OSError:
+        proc.join(timeout=1)
+        return f"process {proc.pid} died (exit code {proc.exitcode})"
+    return None
 
 
 def _receive(conn: Any, proc: Any) -> Any:
