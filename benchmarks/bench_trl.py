@@ -25,6 +25,7 @@ than the trainers (`--malloc default` turns this off).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -111,22 +112,48 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def child_pids() -> list[int]:
+    """This process's live child processes (reasonrl's rollout workers; Linux /proc), else []."""
+    pids: list[int] = []
+    for task in Path("/proc/self/task").glob("*"):
+        with contextlib.suppress(OSError):
+            pids += [int(x) for x in (task / "children").read_text().split()]
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of this process and of `pids` (children), in seconds."""
+    total = time.process_time()
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 class PeakRSS:
-    """Peak resident memory over a span of this process (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+    """Peak resident memory over a span of this process and of its child processes (reasonrl's rollout workers);
+    Linux: VmHWM, reset through /proc/<pid>/clear_refs. The step peak is the sum over processes of each one's peak
+    minus its resident size at the start (a worker's shared pages count where it touches them: an overestimate)."""
 
     @staticmethod
-    def _status(key: str) -> int:
-        text = Path("/proc/self/status").read_text()
+    def _status(pid: int | str, key: str) -> int:
+        text = Path(f"/proc/{pid}/status").read_text()
         found = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
         return int(found.group(1)) * 1024 if found else 0
 
     def start(self) -> None:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-        self.base = self._status("VmRSS")
+        self.pids: list[int | str] = ["self", *child_pids()]
+        for pid in self.pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        self.base = {pid: self._status(pid, "VmRSS") for pid in self.pids}
 
     def stop(self) -> dict[str, int]:
-        peak = self._status("VmHWM")
-        return {"peak_rss": peak, "base_rss": self.base, "step_peak": peak - self.base}
+        peak = {pid: self._status(pid, "VmHWM") for pid in self.pids}
+        step = sum(peak[pid] - self.base[pid] for pid in self.pids)
+        return {"peak_rss": peak["self"], "base_rss": self.base["self"], "step_peak": step, "processes": len(peak)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,7 +269,8 @@ def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS |
         gc.collect()
         if memory is not None:
             memory.start()
-        start, cpu_start = time.perf_counter(), time.process_time()
+        workers = child_pids()  # the rollout workers (started during the warm-up), whose CPU time counts too
+        start, cpu_start = time.perf_counter(), cpu_seconds(workers)
         for _ in range(w.steps):
             metrics = trainer.train_step()
             trainer.step += 1
@@ -251,12 +279,12 @@ def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS |
             for k, v in metrics.items():
                 if k.startswith("time/"):
                     stages[k] = stages.get(k, 0.0) + v / w.steps
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(workers) - cpu_start
         assert torch.get_num_threads() == w.threads, "thread count changed during the timed steps"
     finally:
         trainer.close()
     n = w.steps * w.completions_per_step
-    return Result(seconds, cpu_seconds, n, statistics.mean(lengths), statistics.mean(rewards), stages)
+    return Result(seconds, cpu, n, statistics.mean(lengths), statistics.mean(rewards), stages)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,7 +319,7 @@ def run_trl(
                 gc.collect()
                 if memory is not None:
                     memory.start()
-            self.marks.append((time.perf_counter(), time.process_time()))
+            self.marks.append((time.perf_counter(), cpu_seconds(child_pids())))
 
     total = w.warmup + w.steps
     args = GRPOConfig(
@@ -513,8 +541,10 @@ def main(argv: list[str] | None = None) -> None:
         mib = 1 << 20
         ours_mem, trl_mem = memory["reasonrl"], memory["trl"]
         print(
-            "peak memory of a step (peak RSS during the timed steps - RSS before them; a fresh process each, default "
-            f"malloc): reasonrl {ours_mem['step_peak'] / mib:.1f} MiB, trl {trl_mem['step_peak'] / mib:.1f} MiB; "
+            "peak memory of a step (peak RSS during the timed steps - RSS before them, summed over the trainer's "
+            f"processes; a fresh process each, default malloc): reasonrl {ours_mem['step_peak'] / mib:.1f} MiB "
+            f"({ours_mem['processes']} processes), trl {trl_mem['step_peak'] / mib:.1f} MiB "
+            f"({trl_mem['processes']}); "
             f"whole-process peak RSS: reasonrl {ours_mem['peak_rss'] / mib:.0f} MiB, "
             f"trl {trl_mem['peak_rss'] / mib:.0f} MiB"
         )
