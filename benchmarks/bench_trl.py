@@ -151,9 +151,12 @@ class PeakRSS:
         self.base = {pid: self._status(pid, "VmRSS") for pid in self.pids}
 
     def stop(self) -> dict[str, int]:
+        """Read the peaks (before the trainer stops its child processes); the result is kept in `self.result`."""
         peak = {pid: self._status(pid, "VmHWM") for pid in self.pids}
         step = sum(peak[pid] - self.base[pid] for pid in self.pids)
-        return {"peak_rss": peak["self"], "base_rss": self.base["self"], "step_peak": step, "processes": len(peak)}
+        self.result = {"peak_rss": peak["self"], "base_rss": self.base["self"], "step_peak": step,
+                       "processes": len(peak)}  # fmt: skip
+        return self.result
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,6 +283,8 @@ def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS |
                 if k.startswith("time/"):
                     stages[k] = stages.get(k, 0.0) + v / w.steps
         seconds, cpu = time.perf_counter() - start, cpu_seconds(workers) - cpu_start
+        if memory is not None:
+            memory.stop()
         assert torch.get_num_threads() == w.threads, "thread count changed during the timed steps"
     finally:
         trainer.close()
@@ -405,7 +410,7 @@ def memory_child(name: str, model_dir: Path, w: Workload) -> dict[str, Any]:
         else:
             prompts = prompt_order(w.seed, w.prompts_per_step * (w.warmup + w.steps + 1))
             run_trl(model_dir, w, Path(tmp), prompts, peak)
-        return peak.stop()
+        return getattr(peak, "result", None) or peak.stop()
 
 
 def measure_memory(name: str, model_dir: Path, w: Workload) -> dict[str, Any]:
