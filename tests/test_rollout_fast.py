@@ -372,14 +372,14 @@ def test_worker_count(policy, monkeypatch):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert FastEngine(model, tok, workers=0)._samplers() is None
+        assert FastEngine(model, tok, workers=0).workers_pool() is None
         torch.set_num_threads(2)
         auto = FastEngine(model, tok, workers=0)
-        assert auto._samplers().count == 2
+        assert auto.workers_pool().count == 2
         auto.close()
-        assert FastEngine(model, tok, workers=1)._samplers() is None
+        assert FastEngine(model, tok, workers=1).workers_pool() is None
         monkeypatch.setattr(rollout, "fork_available", lambda: False)
-        assert FastEngine(model, tok, workers=2)._samplers() is None
+        assert FastEngine(model, tok, workers=2).workers_pool() is None
     finally:
         torch.set_num_threads(threads)
 

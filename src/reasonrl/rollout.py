@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from reasonrl.workers import Workers, fork_available, one_thread
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -170,7 +172,7 @@ class FastEngine(_PolicyEngine):
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0, workers: int = 1) -> None:
         super().__init__(model, tokenizer, batch_size)
         self.workers = workers  # processes sampling each chunk on a CPU (`rollout.workers`; 0 = one per torch thread)
-        self.pool: _Samplers | None = None
+        self.pool: Workers | None = None
         # per chunk (and process) of the last `generate` call: its prompts and the batch rows of each decode step
         self.trace: list[tuple[list[list[int]], list[int]]] = []
 
@@ -179,19 +181,39 @@ class FastEngine(_PolicyEngine):
         return super().generate(prompts, n, sampling)
 
     def _generate_chunk(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
-        samplers = self._samplers()
-        if samplers is None:
+        """With worker processes (`rollout.workers`), the chunk's rows are split between them and this process.
+        Each starts from this process's RNG state and draws the noise of the whole chunk at every step (`_sample`),
+        so the split samples the same tokens as one process; afterwards this process takes the RNG state of
+        whichever share ran the most steps, which is where one process would have left it."""
+        pool = self.workers_pool()
+        if pool is None:
             return self._sample(prompts, sampling)[0]
-        return samplers.generate(prompts, sampling)
+        B, k = len(prompts), min(pool.count, len(prompts))
+        bounds = [round(i * B / k) for i in range(k + 1)]
+        rng = torch.get_rng_state()
+        shares = zip(bounds[1:-1], bounds[2:], strict=True)
+        wait = pool.start([(_sample_share, (prompts[lo:hi], sampling, B, lo, rng)) for lo, hi in shares])
+        try:
+            with one_thread():
+                out, draws = self._sample(prompts[: bounds[1]], sampling, B, 0)
+        finally:  # every reply is read even when this share failed, so that none is left for the next call
+            replies = wait()
+        for comps, their_draws, state, trace in replies:
+            out += comps
+            self.trace += trace
+            if their_draws > draws:
+                draws = their_draws
+                torch.set_rng_state(state)
+        return out
 
-    def _samplers(self) -> _Samplers | None:
+    def workers_pool(self) -> Workers | None:
         """The worker processes of `workers` > 1 on a CPU model (started on first use), else None."""
         count = self.workers or torch.get_num_threads()  # 0 = auto: one process per torch thread
         if count <= 1 or next(self.model.parameters()).device.type != "cpu" or not fork_available():
             return None
         if self.pool is None or not self.pool.procs or self.pool.model is not self.model or self.pool.count != count:
             self.close()
-            self.pool = _Samplers(self, count)
+            self.pool = Workers(self.model, count, self)
         return self.pool
 
     def close(self) -> None:
@@ -294,133 +316,13 @@ class FastEngine(_PolicyEngine):
         return out, draws
 
 
-def fork_available() -> bool:
-    import multiprocessing
-
-    return "fork" in multiprocessing.get_all_start_methods()
-
-
-class _Samplers:
-    """`count` - 1 forked processes that sample a share of each chunk's rows beside this one, one torch thread each.
-
-    On a CPU a small model's decode step is hundreds of small ops that a second intra-op thread barely speeds up,
-    while whole rows split between processes run in parallel. The policy's parameters and buffers are moved to
-    shared memory before the fork, so every process samples from the current weights without copying them. Each
-    process starts from this process's RNG state and draws the noise of the whole chunk at every step
-    (`FastEngine._sample`), so the split samples the same tokens as one process; afterwards this process takes the
-    RNG state of whichever process ran the most steps, which is where one process would have left it."""
-
-    def __init__(self, engine: FastEngine, count: int) -> None:
-        import multiprocessing
-
-        self.model, self.count = engine.model, count
-        engine.model.share_memory()
-        _release_free_memory()  # freed heap pages would be shared copy-on-write: this process's reuse would copy them
-        ctx = multiprocessing.get_context("fork")
-        self.conns: list[Any] = []
-        self.procs: list[Any] = []
-        for _ in range(count - 1):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_sampler_loop, args=(engine, theirs), name="reasonrl-sampler", daemon=True)
-            proc.start()
-            theirs.close()
-            self.conns.append(mine)
-            self.procs.append(proc)
-        self.engine = engine
-
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
-        B, k = len(prompts), min(self.count, len(prompts))
-        bounds = [round(i * B / k) for i in range(k + 1)]
-        rng = torch.get_rng_state()
-        sent = list(zip(self.conns, self.procs, strict=True))[: k - 1]
-        failed = [_send(conn, proc, (prompts[lo:hi], sampling, B, lo, rng)) for (conn, proc), lo, hi in
-                  zip(sent, bounds[1:-1], bounds[2:], strict=True)]  # fmt: skip
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            out, draws = self.engine._sample(prompts[: bounds[1]], sampling, B, 0)
-        finally:  # every reply is read even when this share failed, so that none is left for the next call
-            torch.set_num_threads(threads)
-            replies = [f or _receive(conn, proc) for f, (conn, proc) in zip(failed, sent, strict=True)]
-        for reply in replies:
-            if isinstance(reply, str):
-                self.close()  # the engine starts a new set of workers on its next call
-                raise RuntimeError(f"rollout worker: {reply}")
-            comps, their_draws, state, trace = reply
-            out += comps
-            self.engine.trace += trace
-            if their_draws > draws:
-                draws = their_draws
-                torch.set_rng_state(state)
-        return out
-
-    def close(self) -> None:
-        for conn in self.conns:
-            try:
-                conn.send(None)
-                conn.close()
-            except OSError:
-                pass
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        self.conns, self.procs = [], []
-
-
-def _release_free_memory() -> None:
-    """Give the C heap's free pages back to the OS (glibc `malloc_trim`), where there is one."""
-    import contextlib
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-
-
-def _send(conn: Any, proc: Any, msg: Any) -> str | None:
-    """Send a worker its share; None, or a line saying why it could not be sent."""
-    try:
-        conn.send(msg)
-    except OSError:
-        proc.join(timeout=1)
-        return f"process {proc.pid} died (exit code {proc.exitcode})"
-    return None
-
-
-def _receive(conn: Any, proc: Any) -> Any:
-    """A worker's reply, or a line saying why there is none."""
-    try:
-        return conn.recv()
-    except (EOFError, OSError):
-        proc.join(timeout=1)
-        return f"process {proc.pid} died (exit code {proc.exitcode})"
-
-
-def _sampler_loop(engine: FastEngine, conn: Any) -> None:
-    """A rollout worker: sample the rows it is sent until told to stop (None) or its parent goes away."""
-    import gc
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
-    gc.freeze()  # the collector leaves the inherited objects alone, so their pages stay shared with the parent
-    torch.set_num_threads(1)
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        prompts, sampling, chunk_rows, first_row, rng = msg
-        try:
-            torch.set_rng_state(rng)
-            engine.trace = []
-            comps, draws = engine._sample(prompts, sampling, chunk_rows, first_row)
-            conn.send((comps, draws, torch.get_rng_state(), engine.trace))
-        except Exception as e:  # reported by the parent, which raises it
-            conn.send(f"{type(e).__name__}: {e}")
+def _sample_share(engine: FastEngine, prompts: list[list[int]], sampling: SamplingParams, chunk_rows: int,
+                  first_row: int, rng: Tensor) -> tuple[list[Completion], int, Tensor, list]:  # fmt: skip
+    """A worker's share of a chunk (`FastEngine._generate_chunk`), from this process's RNG state."""
+    torch.set_rng_state(rng)
+    engine.trace = []
+    comps, draws = engine._sample(prompts, sampling, chunk_rows, first_row)
+    return comps, draws, torch.get_rng_state(), engine.trace
 
 
 def _filter(scores: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -1,0 +1,139 @@
+"""CPU worker processes that share the policy's weights (`rollout.workers`).
+
+On a CPU, a small model's decode step and update pass are hundreds of small ops that a second intra-op thread barely
+speeds up, while whole rows split between processes run in parallel. `Workers` forks `count - 1` processes beside
+this one. The policy's parameters and buffers are moved to shared memory first, so every process works on the
+current weights without copying them; each worker also gets a shared buffer per trainable parameter, where it leaves
+the gradient of its share of an update pass. The fast engine samples a share of each chunk's rows in them
+(`rollout.FastEngine`), and the trainer runs a share of each update pass in them (`trainer.Trainer.update`).
+
+A task is a module-level function `fn(context, *args)` run in a worker on its inherited `context` (the object given
+at the fork, e.g. the engine, with `context.grads` set to the worker's gradient buffers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+
+def fork_available() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """This process's share runs on one torch thread while the workers use the other cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Workers:
+    def __init__(self, model: torch.nn.Module, count: int, context: Any) -> None:
+        import multiprocessing
+
+        self.model, self.count = model, count
+        model.share_memory()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.grads = [[torch.zeros_like(p).share_memory_() for p in trainable] for _ in range(count - 1)]
+        _release_free_memory()  # freed heap pages would be shared copy-on-write: reusing them here would copy them
+        ctx = multiprocessing.get_context("fork")
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        for grads in self.grads:
+            mine, theirs = ctx.Pipe()
+            args = (context, grads, theirs)
+            proc = ctx.Process(target=_worker_loop, args=args, name="reasonrl-worker", daemon=True)
+            proc.start()
+            theirs.close()
+            self.conns.append(mine)
+            self.procs.append(proc)
+
+    def start(self, calls: list[tuple[Callable[..., Any], tuple]]) -> Callable[[], list[Any]]:
+        """Send call i to worker i (at most `count - 1` calls); returns `wait`, which gives their results in order
+        once all have replied, and raises RuntimeError (after closing the workers) if one failed or died."""
+        sent = list(zip(self.conns, self.procs, strict=True))[: len(calls)]
+        failed = [_send(conn, proc, call) for (conn, proc), call in zip(sent, calls, strict=True)]
+
+        def wait() -> list[Any]:
+            replies = [f or _receive(conn, proc) for f, (conn, proc) in zip(failed, sent, strict=True)]
+            for reply in replies:
+                if isinstance(reply, str):
+                    self.close()  # its owner starts a new set on its next call
+                    raise RuntimeError(f"rollout worker: {reply}")
+            return [value for _, value in replies]
+
+        return wait
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+                conn.close()
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.conns, self.procs = [], []
+
+
+def _release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`), where there is one."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
+def _send(conn: Any, proc: Any, msg: Any) -> str | None:
+    """Send a worker its task; None, or a line saying why it could not be sent."""
+    try:
+        conn.send(msg)
+    except OSError:
+        proc.join(timeout=1)
+        return f"process {proc.pid} died (exit code {proc.exitcode})"
+    return None
+
+
+def _receive(conn: Any, proc: Any) -> Any:
+    """A worker's reply (ok, value), or a line saying why there is none."""
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        proc.join(timeout=1)
+        return f"process {proc.pid} died (exit code {proc.exitcode})"
+
+
+def _worker_loop(context: Any, grads: list[torch.Tensor], conn: Any) -> None:
+    """Run the tasks this worker is sent until told to stop (None) or its parent goes away."""
+    import gc
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
+    gc.freeze()  # the collector leaves the inherited objects alone, so their pages stay shared with the parent
+    torch.set_num_threads(1)
+    context.grads = grads
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        fn, args = msg
+        try:
+            reply: Any = ("ok", fn(context, *args))
+        except Exception as e:  # reported by the parent, which raises it
+            reply = f"{type(e).__name__}: {e}"
+        conn.send(reply)
