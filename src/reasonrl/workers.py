@@ -3,12 +3,14 @@
 On a CPU, a small model's decode step and update pass are hundreds of small ops that a second intra-op thread barely
 speeds up, while whole rows split between processes run in parallel. `Workers` forks `count - 1` processes beside
 this one. The policy's parameters and buffers are moved to shared memory first, so every process works on the
-current weights without copying them; each worker also gets a shared buffer per trainable parameter, where it leaves
-the gradient of its share of an update pass. The fast engine samples a share of each chunk's rows in them
-(`rollout.FastEngine`), and the trainer runs a share of each update pass in them (`trainer.Trainer.update`).
+current weights without copying them. The fast engine samples a share of each chunk's rows in them
+(`rollout.FastEngine`).
 
 A task is a module-level function `fn(context, *args)` run in a worker on its inherited `context` (the object given
-at the fork, e.g. the engine, with `context.grads` set to the worker's gradient buffers).
+at the fork: the engine).
+
+(Splitting the update pass between the processes the same way was measured too: no gain over two intra-op threads,
+which scale well on its large matmuls, so the update stays in this process; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -43,16 +45,13 @@ class Workers:
 
         self.model, self.count = model, count
         model.share_memory()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.grads = [[torch.zeros_like(p).share_memory_() for p in trainable] for _ in range(count - 1)]
         _release_free_memory()  # freed heap pages would be shared copy-on-write: reusing them here would copy them
         ctx = multiprocessing.get_context("fork")
         self.conns: list[Any] = []
         self.procs: list[Any] = []
-        for grads in self.grads:
+        for _ in range(count - 1):
             mine, theirs = ctx.Pipe()
-            args = (context, grads, theirs)
-            proc = ctx.Process(target=_worker_loop, args=args, name="reasonrl-worker", daemon=True)
+            proc = ctx.Process(target=_worker_loop, args=(context, theirs), name="reasonrl-worker", daemon=True)
             proc.start()
             theirs.close()
             self.conns.append(mine)
@@ -115,7 +114,7 @@ def _receive(conn: Any, proc: Any) -> Any:
         return f"process {proc.pid} died (exit code {proc.exitcode})"
 
 
-def _worker_loop(context: Any, grads: list[torch.Tensor], conn: Any) -> None:
+def _worker_loop(context: Any, conn: Any) -> None:
     """Run the tasks this worker is sent until told to stop (None) or its parent goes away."""
     import gc
     import signal
@@ -123,7 +122,6 @@ def _worker_loop(context: Any, grads: list[torch.Tensor], conn: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
     gc.freeze()  # the collector leaves the inherited objects alone, so their pages stay shared with the parent
     torch.set_num_threads(1)
-    context.grads = grads
     while True:
         try:
             msg = conn.recv()
