@@ -502,7 +502,7 @@ def completion_logits(
 
     def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # to the padded block [N, heads, steps, d] behind each row's prompt keys / values, and back to the tokens
-        q, k, v = (padded(x[0].transpose(0, 1)).transpose(1, 2) for x in (q, k, v))
+        q, k, v = (padded(x[0]).transpose(1, 2) for x in (q, k, v))
         keys = torch.cat([cache.keys[i][which], k.to(cache.keys[i].dtype)], dim=-2)
         values = torch.cat([cache.values[i][which], v.to(cache.values[i].dtype)], dim=-2)
         out = _attention(parts[1], attn, q, keys, values, mask)  # [N, steps, heads, d]
@@ -605,15 +605,15 @@ class _BufferedDecoder:
             bias = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
 
             def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                k, v = self.cache.update(k, v, i)
-                return _decode_attention(q, k, v, bias, attn.scaling)
+                k, v = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
+                return _decode_attention(q.transpose(1, 2), k, v, bias, attn.scaling)
 
         else:
             mask = _mask(self.model, allowed)
 
             def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                k, v = self.cache.update(k, v, i)
-                return _attention(attention, attn, q, k, v, mask).reshape(len(input_ids), 1, -1)
+                k, v = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
+                return _attention(attention, attn, q.transpose(1, 2), k, v, mask).reshape(len(input_ids), 1, -1)
 
         return lm.lm_head(_layer_stack(lm, rope, hidden, cos, sin, attend))[:, -1]
 
@@ -646,9 +646,9 @@ def _attention(function: Any, attn: Any, q: Tensor, k: Tensor, v: Tensor, mask: 
 
 def _layer_stack(lm: Any, rope: Any, hidden: Tensor, cos: Tensor, sin: Tensor, attend: Any) -> Tensor:
     """The decoder layers and final norm of a Llama / Qwen2 / Qwen3 causal LM over `hidden` [B, L, H], written as
-    their forward writes them; `attend(i, attention module, q, k, v)` (post-rotary, [B, heads, L, d]) returns layer
-    i's attention output [B, L, heads * d], so that callers choose the keys, values and masks. `rope` is the
-    model's rotary function (`_layerwise_parts`)."""
+    their forward writes them; `attend(i, attention module, q, k, v)` (post-rotary, token-major [B, L, heads, d])
+    returns layer i's attention output [B, L, heads * d], so that callers choose the keys, values and masks.
+    `rope` is the model's rotary function (`_layerwise_parts`)."""
     B, L = hidden.shape[:2]
     for i, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
@@ -657,8 +657,8 @@ def _layer_stack(lm: Any, rope: Any, hidden: Tensor, cos: Tensor, sin: Tensor, a
         q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of each head's query and key
             q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
-        q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        hidden = hidden + attn.o_proj(attend(i, attn, q, k, v.transpose(1, 2)).contiguous())
+        q, k = rope(q, k, cos, sin, unsqueeze_dim=2)  # token-major: contiguous elementwise ops
+        hidden = hidden + attn.o_proj(attend(i, attn, q, k, v).contiguous())
         hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
     return _rms_norm(lm.model.norm, hidden)
 
