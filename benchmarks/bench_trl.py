@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -100,16 +99,6 @@ class Result:
     @property
     def per_cpu_s(self) -> float:
         return self.completions / self.cpu_seconds
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse (no trimming, no mmap for blocks under 32 MiB); False if not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
-    except (OSError, AttributeError):
-        return False
 
 
 def child_pids() -> list[int]:
@@ -480,6 +469,8 @@ def main(argv: list[str] | None = None) -> None:
         a.workers,
     )
     torch.set_num_threads(w.threads)
+    from reasonrl.workers import keep_freed_memory
+
     malloc = "glibc keeps freed memory" if a.malloc == "keep" and keep_freed_memory() else "default malloc"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(

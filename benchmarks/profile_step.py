@@ -27,7 +27,6 @@ zero and the update does its backward pass. `--lanpo` turns on LANPO to time its
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import tempfile
@@ -161,6 +160,7 @@ def profile(args: argparse.Namespace) -> None:
         "train.tensorboard=false",
         f"model.device={args.device}",
         f"rollout.engine={args.engine}",
+        "rollout.workers=1",  # one process: the replay below cannot attribute compute that ran in parallel
         *SIZES[args.size],
     ]
     if args.size == "30m":
@@ -265,13 +265,10 @@ def main() -> None:
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep", help="glibc keeps freed memory")
     ap.add_argument("overrides", nargs="*", help="more dotted config overrides")
     args = ap.parse_args()
-    if args.malloc == "keep":
-        try:  # as in bench_trl.py: on some VMs, returning memory to the kernel and faulting it back dominates
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-1, 1 << 30)
-            libc.mallopt(-3, 32 << 20)
-        except (OSError, AttributeError):
-            pass
+    if args.malloc == "keep":  # as the CLI does (reasonrl.workers.keep_freed_memory)
+        from reasonrl.workers import keep_freed_memory
+
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     profile(args)

@@ -22,7 +22,16 @@ LAUNCH_2 = [
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+
+
+def _free_port() -> int:
+    """A port no one listens on now: each launch gets its own, so that one still closing cannot collide with it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

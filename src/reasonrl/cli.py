@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _quiet_libraries()
+    if args.command in ("train", "eval", "compare"):
+        from reasonrl.workers import keep_freed_memory
+
+        keep_freed_memory()  # CPU tensors reuse freed pages instead of faulting in fresh ones every step
     try:
         cmds = {
             "train": cmd_train, "eval": cmd_eval, "pool": cmd_pool, "export": cmd_export, "compare": cmd_compare,
