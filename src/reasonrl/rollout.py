@@ -264,7 +264,8 @@ class FastEngine(_PolicyEngine):
                     probs = torch.softmax(_filter(scores, sampling.top_k, sampling.top_p), dim=-1)
                     noise = torch.empty((chunk_rows, probs.shape[-1]), dtype=probs.dtype, device=device).exponential_()
                     draws += 1
-                    nxt = torch.argmax(probs / noise[first_row : first_row + B][active], dim=-1)
+                    mine = noise[first_row : first_row + B]  # this share's rows of the chunk
+                    nxt = torch.argmax(probs / (mine if len(active) == B else mine[active]), dim=-1)
                 logp_all = torch.log_softmax(scores, dim=-1)
                 logp = logp_all.gather(-1, nxt[:, None]).squeeze(1)
                 entropy = -(logp_all.exp() * logp_all).sum(-1)
