@@ -141,7 +141,7 @@ def logprob_compute(trainer: Any, passes: list[tuple[Any, bool]]) -> float:
         sync(device)
         start = time.perf_counter()
         with torch.set_grad_enabled(grad):
-            logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets)
+            logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets, mb.lengths)
             if grad:
                 logits.backward(torch.ones_like(logits))
         sync(device)
