@@ -16,6 +16,7 @@ from conftest import TINY
 
 from reasonrl import rollout
 from reasonrl.config import load_config
+from reasonrl.errors import UserError
 from reasonrl.models import load_policy
 from reasonrl.prompts import prompt_ids
 from reasonrl.rollout import (
@@ -367,7 +368,8 @@ def test_a_dead_worker_is_reported_and_close_stops_the_workers(policy):
 
 
 def test_worker_count(policy, monkeypatch):
-    """0 = one process per torch thread; 1 = none; none on a model off the CPU or without fork."""
+    """0 = one process per torch thread; 1 = none; none on a model off the CPU or without fork; auto falls back to
+    this process alone, and an explicit count is refused with one line, when shared memory is too small."""
     model, tok, prompts = policy
     threads = torch.get_num_threads()
     try:
@@ -378,6 +380,10 @@ def test_worker_count(policy, monkeypatch):
         assert auto.workers_pool().count == 2
         auto.close()
         assert FastEngine(model, tok, workers=1).workers_pool() is None
+        monkeypatch.setattr(rollout, "shared_memory_shortfall", lambda model: "no room")
+        assert FastEngine(model, tok, workers=0).workers_pool() is None  # auto: this process alone
+        with pytest.raises(UserError, match="rollout.workers=2: no room; set rollout.workers=1"):
+            FastEngine(model, tok, workers=2).workers_pool()
         monkeypatch.setattr(rollout, "fork_available", lambda: False)
         assert FastEngine(model, tok, workers=2).workers_pool() is None
     finally:
@@ -402,3 +408,19 @@ def test_decode_attention_equals_a_naive_loop():
             keys = [j for j in range(L) if allowed[b, 0, 0, j]]
             expected = sum(w * v[b, kv, j] for w, j in zip(weights, keys, strict=True))
             assert torch.allclose(out[b, 0, h * d : (h + 1) * d], expected, atol=1e-5)
+
+
+def test_shared_memory_shortfall(monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    from reasonrl.workers import shared_memory_shortfall
+
+    model = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB of float32
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda root: usage(64 << 20, 0, 64 << 20))
+    assert shared_memory_shortfall(model, str(tmp_path)) is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda root: usage(64 << 20, 58 << 20, 6 << 20))
+    expected = f"the model needs 4 MiB of shared memory and {tmp_path} has 6 MiB free"
+    assert shared_memory_shortfall(model, str(tmp_path)) == expected
+    assert shared_memory_shortfall(model, str(tmp_path / "absent")) is None  # no such tmpfs: nothing to check

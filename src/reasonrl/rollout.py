@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from reasonrl.workers import Workers, fork_available, one_thread
+from reasonrl.errors import UserError
+from reasonrl.workers import Workers, fork_available, one_thread, shared_memory_shortfall
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,11 @@ class FastEngine(_PolicyEngine):
             return None
         if self.pool is None or not self.pool.procs or self.pool.model is not self.model or self.pool.count != count:
             self.close()
+            missing = shared_memory_shortfall(self.model)
+            if missing:
+                if self.workers == 0:  # auto: sample in this process alone
+                    return None
+                raise UserError(f"rollout.workers={self.workers}: {missing}; set rollout.workers=1")
             self.pool = Workers(self.model, count, self)
         return self.pool
 

@@ -23,9 +23,26 @@ import torch
 
 
 def fork_available() -> bool:
+    """Linux only: elsewhere (macOS) forking a process that has loaded these libraries is not safe."""
     import multiprocessing
+    import sys
 
-    return "fork" in multiprocessing.get_all_start_methods()
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def shared_memory_shortfall(model: torch.nn.Module, root: str = "/dev/shm") -> str | None:
+    """Why the model's tensors cannot move to shared memory (a line), or None. Containers often give /dev/shm only
+    64 MiB, and a tensor that outgrows it would crash the process rather than raise."""
+    import os
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if not t.is_shared())
+    if not need or not os.path.isdir(root):
+        return None
+    free = shutil.disk_usage(root).free
+    if free >= 2 * need:  # room to spare for the rest of the process's shared memory
+        return None
+    return f"the model needs {need / 2**20:.0f} MiB of shared memory and {root} has {free / 2**20:.0f} MiB free"
 
 
 @contextlib.contextmanager
