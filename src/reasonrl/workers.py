@@ -1,7 +1,7 @@
 """CPU worker processes that share the policy's weights (`rollout.workers`).
 
-On a CPU, a small model's decode step and update pass are hundreds of small ops that a second intra-op thread barely
-speeds up, while whole rows split between processes run in parallel. `Workers` forks `count - 1` processes beside
+On a CPU, a small model's decode step is hundreds of small ops that a second intra-op thread barely speeds up, while
+whole rows split between processes run in parallel. `Workers` forks `count - 1` processes beside
 this one. The policy's parameters and buffers are moved to shared memory first, so every process works on the
 current weights without copying them. The fast engine samples a share of each chunk's rows in them
 (`rollout.FastEngine`).
@@ -57,6 +57,9 @@ def one_thread() -> Iterator[None]:
 
 
 class Workers:
+    """`count` - 1 forked processes beside this one, sharing `model`'s tensors; each runs the tasks it is sent on its
+    copy of `context`, one torch thread each."""
+
     def __init__(self, model: torch.nn.Module, count: int, context: Any) -> None:
         import multiprocessing
 
