@@ -9,7 +9,8 @@ Two engines ship (`rollout.engine`):
   `Completion` records; it prefills each distinct prompt once and shares its cache between the n samples, writes
   keys and values into preallocated buffers instead of concatenating, builds the attention masks itself, and drops
   finished rows from the batch. It draws its random numbers exactly as `generate` does, so with the same seed it
-  samples the same tokens (greedy: token for token); log-probs agree to float rounding (1e-5).
+  samples the same tokens (greedy: token for token); log-probs agree to float rounding (1e-5). On a CPU it splits
+  each chunk's rows between worker processes (`rollout.workers`, `workers.py`) and still samples the same tokens.
 
 `completion_logits` is the teacher-forced counterpart the trainer's log-prob and update passes use: each distinct
 prompt runs once and its completions attend to its cached keys and values.
