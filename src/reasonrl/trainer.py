@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -221,57 +221,6 @@ def token_logprobs(
     `chunk` > 0 uses the memory-efficient kernel (`logprobs.py`, `train.logprob_chunk`)."""
     logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets, mb.lengths)
     return selected_logprobs(logits, mb.targets, temperature, chunk, with_entropy)
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """What a loss pass needs besides the model and its rows: the algorithm's options and the global normalisers."""
-
-    temperature: float
-    eps_low: float
-    eps_high: float
-    ratio_level: str
-    beta: float
-    loss_agg: str
-    num_seqs: float  # sequences with a loss token in the whole batch (all processes)
-    num_tokens: float  # loss tokens in the whole batch
-    max_len: int
-    logprob_chunk: int
-
-
-def loss_pass(
-    model: Any,
-    mb: MicroBatch,
-    old: Tensor | None,
-    ref: Tensor | None,
-    spec: LossSpec,
-    backward: Callable[[Tensor], None] | None,
-) -> dict[str, float]:
-    """The loss of the rows `mb` (clipped surrogate, k3 KL when `ref` is given, aggregated with the global
-    normalisers), `backward(loss)` when given (else no autograd), and the pass's token-weighted metric sums.
-    `old` None: π_old is the current policy (one pass over the batch)."""
-    with torch.set_grad_enabled(backward is not None):
-        logp, entropy = token_logprobs(model, mb, spec.temperature, with_entropy=True, chunk=spec.logprob_chunk)
-        old = logp.detach() if old is None else old
-        if mb.guide.any():  # stripped LANPO contexts: π_old is the behaviour log-prob under the context
-            old = torch.where(mb.guide[:, None], mb.behaviour_logp, old)
-        per_token, info = algorithms.clipped_surrogate(
-            logp, old, mb.advantages, mb.mask, eps_low=spec.eps_low, eps_high=spec.eps_high,
-            ratio_level=spec.ratio_level,
-        )  # fmt: skip
-        if ref is not None:
-            kl = algorithms.kl_k3(logp, ref)
-            per_token = per_token + spec.beta * kl
-            info["kl"] = kl.detach()
-        loss = algorithms.aggregate_loss(
-            per_token, mb.mask, spec.loss_agg, num_seqs=spec.num_seqs, num_tokens=spec.num_tokens,
-            max_len=spec.max_len,
-        )  # fmt: skip
-        if backward is not None:
-            backward(loss)
-    # token-weighted sums → exact token means over the whole batch
-    values = {"loss": loss.detach() * spec.num_tokens, "entropy": entropy, **info}
-    return {key: float(v if v.dim() == 0 else (v * mb.mask).sum()) for key, v in values.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -641,18 +590,10 @@ class Trainer:
         max_len = a.max_len_norm or self.cfg.rollout.max_new_tokens
         keys = ["loss", "entropy", "clip_low", "clip_high", "ratio"] + (["kl"] if a.beta > 0 else [])
         sums = dict.fromkeys(keys, 0.0)
-        spec = LossSpec(
-            temp, a.eps_low, a.eps_high, a.ratio_level, a.beta, a.loss_agg, num_seqs, num_tokens, max_len,
-            t.logprob_chunk,
-        )  # fmt: skip
-
-        def backward(loss: Tensor) -> None:  # × processes: the wrapper averages gradients, the loss is a sum over them
-            procs.backward(loss * procs.world if procs.world > 1 else loss)
-
         self.model.train()
         for _ in range(a.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            stepped = False  # a backward ran
+            backward = False
             for whole, whole_old, whole_ref in zip(mbs, old_logp, ref_logp, strict=True):
                 # A sequence whose loss is identically zero (advantage 0 and no KL term) adds nothing to the gradient:
                 # it gets a forward pass without autograd, for the metrics only, or none at all when the rollout's
@@ -671,15 +612,36 @@ class Trainer:
                     if not bool(rows.any()):
                         continue
                     mb, old, ref = select_rows(whole, rows, whole_old, whole_ref)
-                    with procs.no_sync(self.train_model), procs.autocast():
-                        part = loss_pass(self.train_model, mb, old, ref, spec, backward if grad else None)
-                    stepped |= grad
-                    for key, value in part.items():
-                        sums[key] += value
+                    with torch.set_grad_enabled(grad), procs.no_sync(self.train_model), procs.autocast():
+                        logp, entropy = token_logprobs(
+                            self.train_model, mb, temp, with_entropy=True, chunk=t.logprob_chunk
+                        )
+                        old = logp.detach() if old is None else old
+                        if mb.guide.any():  # stripped LANPO contexts: π_old is the behaviour log-prob under the context
+                            old = torch.where(mb.guide[:, None], mb.behaviour_logp, old)
+                        per_token, info = algorithms.clipped_surrogate(
+                            logp, old, mb.advantages, mb.mask, eps_low=a.eps_low, eps_high=a.eps_high,
+                            ratio_level=a.ratio_level,
+                        )  # fmt: skip
+                        if ref is not None:
+                            kl = algorithms.kl_k3(logp, ref)
+                            per_token = per_token + a.beta * kl
+                            info["kl"] = kl.detach()
+                        loss = algorithms.aggregate_loss(
+                            per_token, mb.mask, a.loss_agg, num_seqs=num_seqs, num_tokens=num_tokens, max_len=max_len
+                        )
+                        if grad:  # × processes: the wrapper averages gradients, the loss is a sum over them
+                            procs.backward(loss * procs.world if procs.world > 1 else loss)
+                            backward = True
+                    # token-weighted sums → exact token means over the whole batch
+                    m = mb.mask
+                    for key, val in {"loss": loss.detach() * num_tokens, "entropy": entropy, **info}.items():
+                        total = val if val.dim() == 0 else (val * m).sum()
+                        sums[key] += float(total)
             if procs.world > 1:
                 pad = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.device)
                 procs.sync_gradients(self.train_model, pad)
-            elif not stepped:  # all-zero gradient: AdamW still steps (momentum, weight decay) as after a zero backward
+            elif not backward:  # all-zero gradient: AdamW still steps (momentum, weight decay) as after a zero backward
                 for p in self.model.parameters():
                     if p.requires_grad:
                         p.grad = torch.zeros_like(p)
