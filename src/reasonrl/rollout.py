@@ -400,10 +400,13 @@ def _checkpointing(model: Any) -> bool:
 def _mask(model: Any, allowed: Tensor) -> Tensor:
     """A ready 4-D attention mask from `allowed` (bool, True = attend): boolean for sdpa, additive for eager."""
     if _bare(model).config._attn_implementation == "eager":
-        dtype = next(model.parameters()).dtype
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return additive.masked_fill(~allowed, torch.finfo(dtype).min)
+        return _additive(allowed, next(model.parameters()).dtype)
     return allowed
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where `allowed`, the dtype's lowest value elsewhere: the mask that eager attention adds to its scores."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _prefill(model: Any, ids: Tensor, real: Tensor, cache: Any) -> Tensor:
@@ -609,19 +612,15 @@ class _BufferedDecoder:
             table = torch.arange(self.capacity, device=input_ids.device)[None]
             self.rotary = lm.model.rotary_emb(hidden, table)
         cos, sin = self.rotary[0][0][position_ids], self.rotary[1][0][position_ids]
-        if input_ids.device.type == "cpu":
-            bias = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+        on_cpu = input_ids.device.type == "cpu"
+        mask = _additive(allowed, hidden.dtype) if on_cpu else _mask(self.model, allowed)
 
-            def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                k, v = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
-                return _decode_attention(q.transpose(1, 2), k, v, bias, attn.scaling)
-
-        else:
-            mask = _mask(self.model, allowed)
-
-            def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                k, v = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
-                return _attention(attention, attn, q.transpose(1, 2), k, v, mask).reshape(len(input_ids), 1, -1)
+        def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            q = q.transpose(1, 2)
+            k, v = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), i)
+            if on_cpu:
+                return _decode_attention(q, k, v, mask, attn.scaling)
+            return _attention(attention, attn, q, k, v, mask).reshape(len(input_ids), 1, -1)
 
         return lm.lm_head(_layer_stack(lm, rope, hidden, cos, sin, attend))[:, -1]
 
