@@ -113,23 +113,29 @@ def keep_freed_memory() -> bool:
     mmap threshold is a fresh mapping whose pages fault in on first touch, step after step (about 10 % of the
     embedded default's generation on the 2-core test machine, measured with and without). False where this is not
     glibc. The CLI calls it for its training and evaluation commands; the benchmarks call it for both trainers."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
 
 
 def _release_free_memory() -> None:
     """Give the C heap's free pages back to the OS (glibc `malloc_trim`), where there is one."""
-    import ctypes
-    import ctypes.util
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
-    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+def _glibc() -> Any:
+    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def _send(conn: Any, proc: Any, msg: Any) -> str | None:
