@@ -337,7 +337,7 @@ def run_trl(
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",  # reasonrl uses torch.optim.AdamW with its defaults
+        optim="adamw_torch_fused",  # reasonrl uses torch.optim.AdamW(fused=True) where torch has the fused kernel
         gradient_checkpointing=False,  # TRL's default is True; reasonrl does not checkpoint
         bf16=False,
         fp16=False,
@@ -370,6 +370,8 @@ def run_trl(
     clock.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # with tqdm off it would print the end-of-training log dict
     trainer.train()
+    if memory is not None:
+        memory.stop()
     if len(clock.marks) != total:
         raise RuntimeError(f"TRL ran {len(clock.marks)} steps, expected {total}")
     if set(clock.threads) != {w.threads}:
@@ -399,7 +401,7 @@ def memory_child(name: str, model_dir: Path, w: Workload) -> dict[str, Any]:
         else:
             prompts = prompt_order(w.seed, w.prompts_per_step * (w.warmup + w.steps + 1))
             run_trl(model_dir, w, Path(tmp), prompts, peak)
-        return getattr(peak, "result", None) or peak.stop()
+        return peak.result
 
 
 def measure_memory(name: str, model_dir: Path, w: Workload) -> dict[str, Any]:
