@@ -178,3 +178,13 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        """Destroy the process group (a no-op for one process). Each process calls it once, last: a gloo group left
+        to the interpreter's exit can abort the process (SIGABRT, "terminate called without an active exception")
+        while its peers still run. accelerate's state is reset so that a later trainer sets up a fresh group."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            from accelerate.state import AcceleratorState
+
+            torch.distributed.destroy_process_group()
+            AcceleratorState._reset_state(reset_partial_state=True)

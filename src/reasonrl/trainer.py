@@ -734,6 +734,7 @@ class Trainer:
             self.logger.close()
         if self.pool is not None:
             self.pool.close()
+        self.procs.close()
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.logger is not None:
