@@ -54,7 +54,7 @@ def main(out: str, run_dir: str, *overrides: str) -> None:
             torch.save({"params": params, "grads": grads, "metrics": metrics, "world": trainer.procs.world}, out)
     finally:
         trainer.close()
-    assert not torch.distributed.is_initialized()  # closed: nothing left for the interpreter's exit to tear down
+    assert not torch.distributed.is_initialized()  # close() destroyed the process group
 
 
 if __name__ == "__main__":
