@@ -143,8 +143,7 @@ def _send(conn: Any, proc: Any, msg: Any) -> str | None:
     try:
         conn.send(msg)
     except OSError:
-        proc.join(timeout=1)
-        return f"process {proc.pid} died (exit code {proc.exitcode})"
+        return _died(proc)
     return None
 
 
@@ -153,8 +152,13 @@ def _receive(conn: Any, proc: Any) -> Any:
     try:
         return conn.recv()
     except (EOFError, OSError):
-        proc.join(timeout=1)
-        return f"process {proc.pid} died (exit code {proc.exitcode})"
+        return _died(proc)
+
+
+def _died(proc: Any) -> str:
+    """The line that reports a worker whose pipe broke, once it has exited."""
+    proc.join(timeout=1)
+    return f"process {proc.pid} died (exit code {proc.exitcode})"
 
 
 def _worker_loop(context: Any, conn: Any) -> None:
