@@ -48,13 +48,16 @@ def policy(tmp_path_factory):
 
 
 def _same(a, b, logprob_tol: float = 1e-5) -> None:
+    """Same tokens, flags, prompts and texts; log-probs within `logprob_tol`, relative beyond magnitude 1 (float32
+    rounding of a large log-prob differs between CPUs' matmul kernels)."""
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert [c.truncated for c in a] == [c.truncated for c in b]
     assert [c.prompt_ids for c in a] == [c.prompt_ids for c in b]
     assert [c.text for c in a] == [c.text for c in b]
     for x, y in zip(a, b, strict=True):
         assert len(x.logprobs) == len(x.token_ids)
-        assert max((abs(u - v) for u, v in zip(x.logprobs, y.logprobs, strict=True)), default=0.0) < logprob_tol
+        gaps = (abs(u - v) / max(1.0, abs(v)) for u, v in zip(x.logprobs, y.logprobs, strict=True))
+        assert max(gaps, default=0.0) < logprob_tol
 
 
 def _both(engine_a, engine_b, prompts, n, sampling, seed=0):
@@ -286,6 +289,7 @@ def test_other_decoder_families_with_grouped_query_attention(family, monkeypatch
     with torch.no_grad():
         fast = completion_logits(model, pids, real, which, targets, torch.tensor([len(c.token_ids) for c in b]))
         monkeypatch.setattr(rollout, "fast_forward_supported", lambda model: False)
+        model.set_attn_implementation("eager")  # on a CPU the fast pass attends as eager attention does
         plain = completion_logits(model, pids, real, which, targets)
     for r, c in enumerate(b):
         n = len(c.token_ids)

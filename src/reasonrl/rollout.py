@@ -488,7 +488,6 @@ def completion_logits(
     W, steps, device = prompt_ids.shape[1], T - 1, completions.device
     causal = torch.ones((steps, steps), dtype=torch.bool, device=device).tril()
     allowed = torch.cat([prompt_mask[which][:, None, :].expand(N, steps, W), causal[None].expand(N, steps, steps)], -1)
-    mask = _mask(model, allowed[:, None])
     positions = prompt_mask.sum(-1)[which][:, None] + torch.arange(steps, device=device)
     lm = _causal_lm(bare)
     parts = _layerwise_parts(lm)
@@ -496,12 +495,19 @@ def completion_logits(
         cache.which = which
         out = model(
             input_ids=completions[:, :-1],
-            attention_mask=mask,
+            attention_mask=_mask(model, allowed[:, None]),
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
         )
         return torch.cat([first, out.logits], dim=1)
+    # On a CPU the block goes through the model's eager attention (two matmuls and a float32 softmax): at these block
+    # sizes the fused sdpa kernel's forward and backward cost 1.7x as much (docs/benchmarks.md); same values to float
+    # rounding. Elsewhere, the attention the model is configured with.
+    if device.type == "cpu":
+        function, mask = _eager_function(lm), _additive(allowed[:, None], next(model.parameters()).dtype)
+    else:
+        function, mask = parts[1], _mask(model, allowed[:, None])
     lengths = torch.full((N,), T, device=device) if lengths is None else lengths.clamp(max=T)
     real = torch.arange(steps, device=device)[None] < (lengths[:, None] - 1)  # [N, steps]: tokens that are run
     at = real.flatten().nonzero().squeeze(1)  # their places in the padded block, row-major
@@ -516,7 +522,7 @@ def completion_logits(
         q, k, v = (padded(x[0]).transpose(1, 2) for x in (q, k, v))
         keys = torch.cat([cache.keys[i][which], k.to(cache.keys[i].dtype)], dim=-2)
         values = torch.cat([cache.values[i][which], v.to(cache.values[i].dtype)], dim=-2)
-        out = _attention(parts[1], attn, q, keys, values, mask)  # [N, steps, heads, d]
+        out = _attention(function, attn, q, keys, values, mask)  # [N, steps, heads, d]
         return out.reshape(N * steps, -1).index_select(0, at)[None]
 
     logits = lm.lm_head(_layer_stack(lm, parts[0], hidden, cos, sin, attend))[0]  # [M, V]
@@ -679,6 +685,13 @@ def _rms_norm(module: Any, x: Tensor) -> Tensor:
     if type(module).__name__ in RMS_NORMS and x.dtype == torch.float32 and module.weight.dtype == torch.float32:
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
     return module(x)
+
+
+def _eager_function(model: Any) -> Any:
+    """The eager attention function of a causal LM that `_layerwise_parts` accepts (its modeling module's own)."""
+    import sys
+
+    return sys.modules[type(model.model.layers[0].self_attn).__module__].eager_attention_forward
 
 
 def _layerwise_parts(model: Any) -> tuple[Any, Any] | None:
