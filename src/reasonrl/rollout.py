@@ -505,7 +505,7 @@ def completion_logits(
     # sizes the fused sdpa kernel's forward and backward cost 1.7x as much (docs/benchmarks.md); same values to float
     # rounding. Elsewhere, the attention the model is configured with.
     if device.type == "cpu":
-        function, mask = _eager_function(lm), _additive(allowed[:, None], next(model.parameters()).dtype)
+        function, mask = parts[2], _additive(allowed[:, None], next(model.parameters()).dtype)
     else:
         function, mask = parts[1], _mask(model, allowed[:, None])
     lengths = torch.full((N,), T, device=device) if lengths is None else lengths.clamp(max=T)
@@ -612,7 +612,7 @@ class _BufferedDecoder:
         forward computes, op for op, without transformers' per-call wrappers. The rotary cosines and sines of every
         position are computed once per chunk (by the model's own rotary module) and looked up. On a CPU the one new
         query per row attends through `_decode_attention`; elsewhere through the model's attention function."""
-        lm, (rope, attention) = self.lm, self.layerwise
+        lm, (rope, attention, _) = self.lm, self.layerwise
         hidden = lm.model.embed_tokens(input_ids)
         if self.rotary is None:
             table = torch.arange(self.capacity, device=input_ids.device)[None]
@@ -687,16 +687,10 @@ def _rms_norm(module: Any, x: Tensor) -> Tensor:
     return module(x)
 
 
-def _eager_function(model: Any) -> Any:
-    """The eager attention function of a causal LM that `_layerwise_parts` accepts (its modeling module's own)."""
-    import sys
-
-    return sys.modules[type(model.model.layers[0].self_attn).__module__].eager_attention_forward
-
-
-def _layerwise_parts(model: Any) -> tuple[Any, Any] | None:
-    """(rotary function, attention function) of a Llama / Qwen2 / Qwen3 causal LM laid out as transformers writes
-    them, for `_layer_stack`; None when anything differs (callers then run the model's forward)."""
+def _layerwise_parts(model: Any) -> tuple[Any, Any, Any] | None:
+    """(rotary function, configured attention function, eager attention function) of a Llama / Qwen2 / Qwen3 causal
+    LM laid out as transformers writes them, for `_layer_stack`; None when anything differs (callers then run the
+    model's forward)."""
     import sys
 
     inner = getattr(model, "model", None)
@@ -721,7 +715,7 @@ def _layerwise_parts(model: Any) -> tuple[Any, Any] | None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     except ImportError:
         return None
-    return rope, ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, eager)
+    return rope, ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, eager), eager
 
 
 class _CacheDecoder:
