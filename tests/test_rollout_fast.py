@@ -428,3 +428,35 @@ def test_shared_memory_shortfall(monkeypatch, tmp_path):
     expected = f"the model needs 4 MiB of shared memory and {tmp_path} has 6 MiB free"
     assert shared_memory_shortfall(model, str(tmp_path)) == expected
     assert shared_memory_shortfall(model, str(tmp_path / "absent")) is None  # no such tmpfs: nothing to check
+
+
+def test_exponential_noise_is_torchs_values_and_rng_use():
+    """The vectorised noise (`_exponential_noise`) against `exponential_` itself: the same values and the same RNG
+    state afterwards, over 2M draws in shapes that the sampling loop uses."""
+    for seed, shape in ((0, (1000, 999)), (1, (64, 99)), (2, (3, 151_936))):
+        torch.manual_seed(seed)
+        expected = torch.empty(shape).exponential_()
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        noise = rollout._exponential_noise(shape, torch.float32, torch.device("cpu"))
+        assert noise.dtype == torch.float32 and torch.equal(noise, expected)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_lean_decode_step_only_for_plain_layers(policy):
+    """The CPU decode step (`_LeanStack`) concatenates the projections' weights, so it must not run on layers that do
+    more than their weight (LoRA, quantised): those keep the module-by-module step."""
+    model = policy[0]
+    assert rollout._LeanStack.build(model) is not None
+
+    class Wrapped(torch.nn.Linear):  # any subclass, e.g. an adapter layer, may add to its forward
+        pass
+
+    attn = model.model.layers[0].self_attn
+    plain = attn.v_proj
+    wrapped = Wrapped(plain.in_features, plain.out_features, bias=plain.bias is not None)
+    try:
+        attn.v_proj = wrapped
+        assert rollout._LeanStack.build(model) is None
+    finally:
+        attn.v_proj = plain
