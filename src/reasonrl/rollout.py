@@ -536,7 +536,10 @@ def completion_logits(
         out = _attention(function, attn, q, keys, values, mask)  # [N, steps, heads, d]
         return out.reshape(N * steps, -1).index_select(0, at)[None]
 
-    logits = lm.lm_head(_layer_stack(lm, parts[0], hidden, cos, sin, attend))[0]  # [M, V]
+    # (the lean stack of the decode step, with its concatenated projections, measured no faster here: at M tokens
+    # the matmuls dominate, and the concatenation and its backward cost what the fewer ops save)
+    out = _layer_stack(lm, parts[0], hidden, cos, sin, attend)[0]
+    logits = lm.lm_head(out)  # [M, V]
     return torch.cat([first, padded(logits).to(first.dtype)], dim=1)
 
 
@@ -700,6 +703,10 @@ class _LeanStack:
     @classmethod
     def build(cls, lm: Any) -> _LeanStack | None:
         linear = torch.nn.Linear
+
+        def cat(xs: list[Tensor]) -> Tensor:
+            return torch.cat(xs).detach()
+
         layers = []
         for layer in lm.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -715,11 +722,11 @@ class _LeanStack:
             biases = [q.bias, k.bias, v.bias]
             layers.append(
                 {
-                    "qkv": torch.cat([q.weight, k.weight, v.weight]).detach(),
-                    "qkv_bias": torch.cat(biases).detach() if all(b is not None for b in biases) else None,
+                    "qkv": cat([q.weight, k.weight, v.weight]),
+                    "qkv_bias": cat(biases) if all(b is not None for b in biases) else None,
                     "o": o,
-                    "gate_up": torch.cat([gate.weight, up.weight]).detach(),
-                    "gate_up_bias": torch.cat([gate.bias, up.bias]).detach() if gate.bias is not None else None,
+                    "gate_up": cat([gate.weight, up.weight]),
+                    "gate_up_bias": cat([gate.bias, up.bias]) if gate.bias is not None else None,
                     "down": down,
                     "act": mlp.act_fn,
                     "split": (q.out_features, k.out_features),
@@ -729,35 +736,43 @@ class _LeanStack:
                 return None  # some projections with a bias, some without
         return cls(lm, layers)
 
-    def step(self, tokens: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: _KVBuffers) -> Tensor:
-        """Next-token logits [B, V] after `tokens` [B] at rotary `cos`, `signed_sin(sin)` [B, 1, d], writing each
-        layer's key and value at column `cache.length` and attending over columns 0 .. length with additive mask
-        `bias` [B, 1, 1, length + 1]."""
-        F, lm = torch.nn.functional, self.lm
-        B, at = len(tokens), cache.length
-        x = lm.model.embed_tokens(tokens)  # [B, H]
-        for i, (layer, w) in enumerate(zip(lm.model.layers, self.layers, strict=True)):
+    def run(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Any) -> Tensor:
+        """The decoder layers and final norm over token rows `x` [M, H] at rotary `cos`, `signed_sin(sin)`
+        [M, 1, d]; `attend(i, attention module, q, k, v)` (post-rotary, [M, heads, d]) gives layer i's attention
+        output [M, q heads * d], so that callers choose the keys, values and masks."""
+        F, M = torch.nn.functional, len(x)
+        for i, (layer, w) in enumerate(zip(self.lm.model.layers, self.layers, strict=True)):
             attn = layer.self_attn
             d, (nq, nk) = attn.head_dim, w["split"]
             qkv = F.linear(_rms_norm(layer.input_layernorm, x), w["qkv"], w["qkv_bias"])
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of each head's query and key, before the rotation
-                q = _rms_norm(attn.q_norm, qkv[:, :nq].view(B, -1, d))
-                qk = torch.cat([q, _rms_norm(attn.k_norm, qkv[:, nq : nq + nk].view(B, -1, d))], dim=1)
+                q = _rms_norm(attn.q_norm, qkv[:, :nq].view(M, -1, d))
+                qk = torch.cat([q, _rms_norm(attn.k_norm, qkv[:, nq : nq + nk].view(M, -1, d))], dim=1)
             else:
-                qk = qkv[:, : nq + nk].view(B, -1, d)
-            qk = qk * cos + qk.roll(d // 2, -1) * sin  # [B, q heads + kv heads, d]: rotary, `signed_sin`
-            keys, values = cache.keys[i], cache.values[i]  # [B, kv heads, capacity, d]
-            kv_heads = keys.shape[1]
-            keys[:, :, at] = qk[:, nq // d :]
-            values[:, :, at] = qkv[:, nq + nk :].view(B, kv_heads, d)
-            q = qk[:, : nq // d].reshape(B, kv_heads, -1, d)  # each key / value head's query heads together
-            scores = torch.matmul(q, keys[:, :, : at + 1].transpose(-1, -2)) * attn.scaling + bias
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            x = x + w["o"](torch.matmul(weights, values[:, :, : at + 1]).view(B, nq))
+                qk = qkv[:, : nq + nk].view(M, -1, d)
+            qk = qk * cos + qk.roll(d // 2, -1) * sin  # [M, q heads + kv heads, d]: rotary, `signed_sin`
+            out = attend(i, attn, qk[:, : nq // d], qk[:, nq // d :], qkv[:, nq + nk :].view(M, -1, d))
+            x = x + w["o"](out)
             h = F.linear(_rms_norm(layer.post_attention_layernorm, x), w["gate_up"], w["gate_up_bias"])
             gate, up = h.chunk(2, dim=-1)
             x = x + w["down"](w["act"](gate) * up)
-        return lm.lm_head(_rms_norm(lm.model.norm, x))
+        return _rms_norm(self.lm.model.norm, x)
+
+    def step(self, tokens: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: _KVBuffers) -> Tensor:
+        """Next-token logits [B, V] after `tokens` [B] at rotary `cos`, `signed_sin(sin)` [B, 1, d], writing each
+        layer's key and value at column `cache.length` and attending over columns 0 .. length with additive mask
+        `bias` [B, 1, 1, length + 1], as transformers' eager attention does."""
+        B, at = len(tokens), cache.length
+
+        def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            keys, values = cache.keys[i], cache.values[i]  # [B, kv heads, capacity, d]
+            keys[:, :, at], values[:, :, at] = k, v
+            q = q.reshape(B, keys.shape[1], -1, q.shape[-1])  # each key / value head's query heads together
+            scores = torch.matmul(q, keys[:, :, : at + 1].transpose(-1, -2)) * attn.scaling + bias
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(weights, values[:, :, : at + 1]).view(B, -1)
+
+        return self.lm.lm_head(self.run(self.lm.model.embed_tokens(tokens), cos, sin, attend))
 
 
 def _causal_lm(model: Any) -> Any:
