@@ -441,6 +441,12 @@ def test_exponential_noise_is_torchs_values_and_rng_use():
         noise = rollout._exponential_noise(shape, torch.float32, torch.device("cpu"))
         assert noise.dtype == torch.float32 and torch.equal(noise, expected)
         assert torch.equal(torch.get_rng_state(), state)
+        rows = torch.tensor([0, shape[0] - 1])  # a share's live rows: only those are transformed, all are drawn
+        for pick in (rows, slice(1, shape[0])):
+            torch.manual_seed(seed)
+            assert torch.equal(rollout._exponential_noise(shape, torch.float32, torch.device("cpu"), pick),
+                               expected[pick])  # fmt: skip
+            assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_lean_decode_step_only_for_plain_layers(policy):

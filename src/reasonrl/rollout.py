@@ -269,10 +269,10 @@ class FastEngine(_PolicyEngine):
                     nxt = torch.argmax(scores, dim=-1)
                 else:
                     probs = torch.softmax(_filter(scores, sampling.top_k, sampling.top_p), dim=-1)
-                    noise = _exponential_noise((chunk_rows, probs.shape[-1]), probs.dtype, device)
+                    rows = slice(first_row, first_row + B) if len(active) == B else first_row + active
+                    noise = _exponential_noise((chunk_rows, probs.shape[-1]), probs.dtype, device, rows)
                     draws += 1
-                    mine = noise[first_row : first_row + B]  # this share's rows of the chunk
-                    nxt = torch.argmax(probs / (mine if len(active) == B else mine[active]), dim=-1)
+                    nxt = torch.argmax(probs / noise, dim=-1)
                 logp_all = torch.log_softmax(scores, dim=-1)
                 logp = logp_all.gather(-1, nxt[:, None]).squeeze(1)
                 entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -333,15 +333,19 @@ def _sample_share(engine: FastEngine, prompts: list[list[int]], sampling: Sampli
     return comps, draws, torch.get_rng_state(), engine.trace
 
 
-def _exponential_noise(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Exp(1) noise, the values and RNG use of `torch.empty(shape, dtype).exponential_()`. On a CPU, torch draws each
-    float32 value as -log1p(-u) of one double uniform u, rounded to float32, one element at a time; here the same
-    uniforms are drawn in one call and transformed with vectorised ops, in less than half the time. Its vectorised
-    log1p can differ from the scalar one by one double ulp, which changes the float32 value only when that lies on a
-    rounding boundary (none in 2M draws, tests/test_rollout_fast.py)."""
+def _exponential_noise(
+    shape: tuple[int, int], dtype: torch.dtype, device: torch.device, rows: slice | Tensor | None = None
+) -> Tensor:
+    """Rows `rows` (all by default) of Exp(1) noise of `shape`: the values and RNG use of
+    `torch.empty(shape, dtype).exponential_()[rows]`. On a CPU, torch draws each float32 value as -log1p(-u) of one
+    double uniform u, rounded to float32, one element at a time; here the same uniforms are drawn in one call and
+    only the rows needed are transformed, with vectorised ops: less than half the time. The vectorised log1p can
+    differ from the scalar one by one double ulp, which changes the float32 value only when that lies on a rounding
+    boundary (none in 2M draws, tests/test_rollout_fast.py)."""
+    rows = slice(None) if rows is None else rows
     if device.type != "cpu" or dtype != torch.float32:
-        return torch.empty(shape, dtype=dtype, device=device).exponential_()
-    return torch.log1p(torch.empty(shape, dtype=torch.float64).uniform_().neg_()).neg_().to(dtype)
+        return torch.empty(shape, dtype=dtype, device=device).exponential_()[rows]
+    return torch.log1p(torch.empty(shape, dtype=torch.float64).uniform_()[rows].neg_()).neg_().to(dtype)
 
 
 def _filter(scores: Tensor, top_k: int, top_p: float) -> Tensor:
