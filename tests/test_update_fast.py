@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from reasonrl import algorithms, rollout
-from reasonrl import trainer as trainer_module
 from reasonrl.config import load_config
 from reasonrl.rollout import SamplingParams
 from reasonrl.trainer import Trainer, make_micro_batches
@@ -70,20 +69,11 @@ def _reference(trainer: Trainer, comps, advantages, loss_mask, ref_model, monkey
         ["algorithm.beta=0.05"],
         ["algorithm.num_iterations=2"],
         ["train.micro_batch_size=5", "algorithm.loss_agg=seq-mean-token-mean"],
-        # train.split_update: the learning rows of each micro-batch split between two processes
-        ["rollout.workers=2", "train.split_update=true"],
-        ["rollout.workers=2", "train.split_update=true", "algorithm.beta=0.05", "algorithm.num_iterations=2"],
-        ["rollout.workers=2", "train.split_update=true", "train.micro_batch_size=5",
-         "algorithm.loss_agg=seq-mean-token-mean"],  # fmt: skip
-        ["rollout.workers=2", "train.split_update=false"],
     ],
 )
 def test_update_equals_the_plain_reference(tiny_overrides, tmp_path, engine, options, monkeypatch):
-    if engine == "hf" and "rollout.workers=2" in options:
-        pytest.skip("rollout workers need the fast engine")
     cfg = load_config(None, [*tiny_overrides, f"rollout.engine={engine}", "algorithm.loss_agg=token-mean", *options])
     trainer = Trainer(cfg, tmp_path / "run")
-    splits = []
     try:
         tok = trainer.tokenizer
         prompts = [trainer._prompt_ids([p.prompt])[0] for p in trainer.stream.take(4)]
@@ -99,15 +89,9 @@ def test_update_equals_the_plain_reference(tiny_overrides, tmp_path, engine, opt
         trainer.optimizer.step = lambda: captured.append([p.grad.clone() for p in params])
         mbs = make_micro_batches(comps, advantages, loss_mask, cfg.train.micro_batch_size, tok.pad_token_id, "cpu")
         old, ref = trainer.reference_logprobs(mbs)
-        split_rows = trainer_module.split_rows
-        pool = trainer.engine.workers_pool() if engine == "fast" else None
-        processes = pool.count if pool is not None else 1
-        monkeypatch.setattr(trainer_module, "split_rows", lambda mb, k: splits.append(k) or split_rows(mb, k))
         metrics = trainer.update(mbs, old, ref)
     finally:
         trainer.close()
-    # with two processes (rollout.workers=2, or 0 on two threads), and only then, the update ran a share in the worker
-    assert bool(splits) == (cfg.train.split_update and processes == 2) and set(splits) <= {2}
     for x, y in zip(captured[0], grads_ref, strict=True):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
     if cfg.algorithm.loss_agg == "token-mean":
@@ -131,26 +115,3 @@ def test_an_all_zero_advantage_batch_still_steps_the_optimiser(tiny_overrides, t
         trainer.close()
     assert all(g is not None and not g.any() for g in seen[0])
     assert metrics["loss"] == 0 and metrics["ratio/mean"] == pytest.approx(1.0) and metrics["entropy"] > 0
-
-
-def test_split_rows_cuts_contiguous_runs_of_about_equal_tokens():
-    from reasonrl.trainer import MicroBatch, split_rows
-
-    def batch(lengths: list[int]) -> MicroBatch:
-        n, width = len(lengths), max(lengths)
-        zeros = torch.zeros((n, width))
-        return MicroBatch(torch.zeros((1, 1), dtype=torch.long), torch.ones((1, 1), dtype=torch.bool),
-                          torch.zeros(n, dtype=torch.long), zeros.long(), torch.tensor(lengths), zeros, zeros,
-                          torch.zeros(n), torch.zeros(n, dtype=torch.bool), slice(0, n))  # fmt: skip
-
-    for lengths, shares in (([5] * 8, 2), ([1, 1, 1, 20, 1, 1], 2), ([3, 9, 4, 4, 7, 2, 8], 3), ([6], 2), ([2, 2], 4)):
-        masks = split_rows(batch(lengths), shares)
-        assert 1 <= len(masks) <= min(shares, len(lengths))
-        rows = [torch.nonzero(m).squeeze(1).tolist() for m in masks]
-        assert all(r and r == list(range(r[0], r[-1] + 1)) for r in rows)  # non-empty and contiguous
-        assert sum(rows, []) == list(range(len(lengths)))  # every row once, in order
-        if lengths == [5] * 8:
-            assert [len(r) for r in rows] == [4, 4]
-        # no cut could move a row to balance the shares better: the largest share is as small as it can be
-        tokens = [sum(lengths[i] for i in r) for r in rows]
-        assert max(tokens) <= sum(lengths) / len(rows) + max(lengths)

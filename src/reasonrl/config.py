@@ -205,11 +205,6 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = _opt(1.0, "gradient clipping (0 = off)", ge=0)
     micro_batch_size: int = _opt(0, "sequences per forward/backward (0 = whole batch)", ge=0)
-    split_update: bool = _opt(
-        True,
-        "on a CPU with rollout workers, split each micro-batch's forward/backward between the worker processes and "
-        "sum their gradients (same gradient to float rounding; only with mixed_precision=none)",
-    )
     seed: int = _opt(0, "seed of sampling, data order and init")
     output_dir: str = _opt("runs", "parent directory of run directories")
     run_name: str | None = _opt(None, "default: <advantage>-<timestamp>")

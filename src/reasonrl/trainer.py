@@ -41,7 +41,6 @@ from reasonrl.pool import ExperiencePool, PoolEntry
 from reasonrl.prompts import prompt_ids
 from reasonrl.rewards import Rewards
 from reasonrl.rollout import Completion, SamplingParams, completion_logits, make_engine, pad_prompts
-from reasonrl.workers import one_thread
 
 # --------------------------------------------------------------------------------------------------------------
 # Problems
@@ -222,95 +221,6 @@ def token_logprobs(
     `chunk` > 0 uses the memory-efficient kernel (`logprobs.py`, `train.logprob_chunk`)."""
     logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets, mb.lengths)
     return selected_logprobs(logits, mb.targets, temperature, chunk, with_entropy)
-
-
-@dataclass(frozen=True)
-class LossTerms:
-    """What a loss pass needs besides its micro-batch: the algorithm's settings and the whole batch's normalisers."""
-
-    algorithm: Any  # AlgorithmConfig
-    temperature: float
-    chunk: int  # train.logprob_chunk
-    num_seqs: float
-    num_tokens: float
-    max_len: int
-
-
-def loss_terms(
-    model: Any, mb: MicroBatch, old: Tensor | None, ref: Tensor | None, terms: LossTerms
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """(this micro-batch's share of the batch loss, its metric values: scalars or per-token [B, T]).
-
-    π_old is the detached π_θ when no pass recorded it (one optimisation pass), and the behaviour log-prob under the
-    context for stripped LANPO rollouts; the surrogate, KL and aggregation are `algorithms`' (SPEC §3)."""
-    a = terms.algorithm
-    logp, entropy = token_logprobs(model, mb, terms.temperature, with_entropy=True, chunk=terms.chunk)
-    old = logp.detach() if old is None else old
-    if mb.guide.any():  # stripped LANPO contexts: π_old is the behaviour log-prob under the context
-        old = torch.where(mb.guide[:, None], mb.behaviour_logp, old)
-    per_token, info = algorithms.clipped_surrogate(
-        logp, old, mb.advantages, mb.mask, eps_low=a.eps_low, eps_high=a.eps_high, ratio_level=a.ratio_level
-    )
-    if ref is not None:
-        kl = algorithms.kl_k3(logp, ref)
-        per_token = per_token + a.beta * kl
-        info["kl"] = kl.detach()
-    loss = algorithms.aggregate_loss(
-        per_token, mb.mask, a.loss_agg, num_seqs=terms.num_seqs, num_tokens=terms.num_tokens, max_len=terms.max_len
-    )
-    return loss, {"loss": loss.detach() * terms.num_tokens, "entropy": entropy, **info}  # type: ignore[dict-item]
-
-
-def metric_sums(values: dict[str, Tensor], mask: Tensor) -> dict[str, float]:
-    """Token-weighted sums of `loss_terms`' metric values (scalars as they are): exact token means over the batch."""
-    return {k: float(v if v.dim() == 0 else (v * mask).sum()) for k, v in values.items()}
-
-
-def split_rows(mb: MicroBatch, shares: int) -> list[Tensor]:
-    """Row masks (bool [B]) of at most `shares` contiguous runs of `mb`'s sequences with about equal token counts
-    (`train.split_update`); contiguous, so that a prompt's G completions mostly stay in one share (one prompt pass)."""
-    lengths = mb.lengths.clamp(min=1).tolist()
-    total, rows = sum(lengths), len(lengths)
-    cuts, run = [0], 0
-    for i, n in enumerate(lengths):
-        run += n
-        if len(cuts) < shares and run >= total * len(cuts) / shares and i + 1 < rows:
-            cuts.append(i + 1)
-    cuts.append(rows)
-    index = torch.arange(rows, device=mb.lengths.device)
-    return [(index >= lo) & (index < hi) for lo, hi in zip(cuts, cuts[1:], strict=False)]
-
-
-def _update_share(engine: Any, mb: MicroBatch, old: Tensor | None, ref: Tensor | None, terms: LossTerms) -> tuple:
-    """A worker's share of an update micro-batch (`train.split_update`): (its gradients, flattened into one float32
-    tensor of the trainable parameters in order; its `metric_sums`). Runs on the worker's copy of the policy,
-    whose parameters are the parent's (shared memory)."""
-    model = engine.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = None
-    model.train()
-    try:
-        loss, values = loss_terms(model, mb, old, ref, terms)
-        loss.backward()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    finally:
-        model.eval()
-        for p in params:
-            p.grad = None
-    return flat, metric_sums(values, mb.mask)
-
-
-def add_gradients(model: Any, flats: list[Tensor]) -> None:
-    """Add the workers' flattened gradients (`_update_share`) to this process's."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    for flat in flats:
-        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-            g = g.view_as(p)
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.add_(g)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -666,31 +576,6 @@ class Trainer:
             if offload:
                 self.ref_model.to("cpu")
 
-    def _update_workers(self) -> Any:
-        """The rollout worker processes when the update's passes are split between them (`train.split_update`)."""
-        t = self.cfg.train
-        if not t.split_update or t.mixed_precision != "none" or self.procs.world > 1:
-            return None
-        pool = getattr(self.engine, "workers_pool", lambda: None)()
-        return pool if pool is not None and pool.count > 1 else None
-
-    def _split_pass(
-        self, pool: Any, mb: MicroBatch, old: Tensor | None, ref: Tensor | None, terms: LossTerms
-    ) -> list[dict[str, float]]:
-        """Forward/backward of `mb` split into contiguous shares (`split_rows`): the workers run theirs while this
-        process runs the first one on one thread; their gradients are added to this process's. The metric sums of
-        every share."""
-        shares = [select_rows(mb, rows, old, ref) for rows in split_rows(mb, pool.count)]
-        wait = pool.start([(_update_share, (*share, terms)) for share in shares[1:]])
-        try:
-            with one_thread():
-                loss, values = loss_terms(self.train_model, *shares[0], terms)
-                loss.backward()
-        finally:  # every reply is read even when this share failed, so that none is left for the next call
-            replies = wait()
-        add_gradients(self.model, [grads for grads, _ in replies])
-        return [metric_sums(values, shares[0][0].mask)] + [part for _, part in replies]
-
     def update(
         self, mbs: list[MicroBatch], old_logp: list[Tensor | None], ref_logp: list[Tensor | None]
     ) -> dict[str, float]:
@@ -704,7 +589,6 @@ class Trainer:
         num_seqs = procs.sum(float(sum((mb.mask.sum(-1) > 0).sum() for mb in mbs)))
         max_len = a.max_len_norm or self.cfg.rollout.max_new_tokens
         keys = ["loss", "entropy", "clip_low", "clip_high", "ratio"] + (["kl"] if a.beta > 0 else [])
-        terms = LossTerms(a, temp, t.logprob_chunk, num_seqs, num_tokens, max_len)
         sums = dict.fromkeys(keys, 0.0)
         self.model.train()
         for _ in range(a.num_iterations):
@@ -728,19 +612,32 @@ class Trainer:
                     if not bool(rows.any()):
                         continue
                     mb, old, ref = select_rows(whole, rows, whole_old, whole_ref)
-                    pool = self._update_workers() if grad else None
-                    if pool is not None:
-                        parts = self._split_pass(pool, mb, old, ref, terms)
-                    else:
-                        with torch.set_grad_enabled(grad), procs.no_sync(self.train_model), procs.autocast():
-                            loss, values = loss_terms(self.train_model, mb, old, ref, terms)
-                            if grad:  # × processes: the wrapper averages gradients, the loss is a sum over them
-                                procs.backward(loss * procs.world if procs.world > 1 else loss)
-                        parts = [metric_sums(values, mb.mask)]
-                    backward |= grad
-                    for part in parts:
-                        for key, val in part.items():
-                            sums[key] += val
+                    with torch.set_grad_enabled(grad), procs.no_sync(self.train_model), procs.autocast():
+                        logp, entropy = token_logprobs(
+                            self.train_model, mb, temp, with_entropy=True, chunk=t.logprob_chunk
+                        )
+                        old = logp.detach() if old is None else old
+                        if mb.guide.any():  # stripped LANPO contexts: π_old is the behaviour log-prob under the context
+                            old = torch.where(mb.guide[:, None], mb.behaviour_logp, old)
+                        per_token, info = algorithms.clipped_surrogate(
+                            logp, old, mb.advantages, mb.mask, eps_low=a.eps_low, eps_high=a.eps_high,
+                            ratio_level=a.ratio_level,
+                        )  # fmt: skip
+                        if ref is not None:
+                            kl = algorithms.kl_k3(logp, ref)
+                            per_token = per_token + a.beta * kl
+                            info["kl"] = kl.detach()
+                        loss = algorithms.aggregate_loss(
+                            per_token, mb.mask, a.loss_agg, num_seqs=num_seqs, num_tokens=num_tokens, max_len=max_len
+                        )
+                        if grad:  # × processes: the wrapper averages gradients, the loss is a sum over them
+                            procs.backward(loss * procs.world if procs.world > 1 else loss)
+                            backward = True
+                    # token-weighted sums → exact token means over the whole batch
+                    m = mb.mask
+                    for key, val in {"loss": loss.detach() * num_tokens, "entropy": entropy, **info}.items():
+                        total = val if val.dim() == 0 else (val * m).sum()
+                        sums[key] += float(total)
             if procs.world > 1:
                 pad = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.device)
                 procs.sync_gradients(self.train_model, pad)

@@ -4,12 +4,13 @@ On a CPU, a small model's decode step is hundreds of small ops that a second int
 whole rows split between processes run in parallel. `Workers` forks `count - 1` processes beside
 this one. The policy's parameters and buffers are moved to shared memory first, so every process works on the
 current weights without copying them. The fast engine samples a share of each chunk's rows in them
-(`rollout.FastEngine`), and the trainer runs a share of each update micro-batch's forward/backward in them
-(`train.split_update`): on the 2-core AMD EPYC test machine two one-thread processes do a batch's passes in 10-25 %
-less time than one process on two threads (docs/benchmarks.md, round 5).
+(`rollout.FastEngine`).
 
 A task is a module-level function `fn(context, *args)` run in a worker on its inherited `context` (the object given
 at the fork: the engine). `keep_freed_memory` is the glibc allocator setting that CPU training wants beside them.
+
+(Splitting the update pass between the processes the same way was measured too: no gain over two intra-op threads,
+which scale well on its large matmuls, so the update stays in this process; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
