@@ -111,8 +111,7 @@ def generation_compute(trainer: Any, completions: list[Any]) -> float:
                 for t, n in enumerate(rows_per_step):
                     keep = torch.arange(n, device=trainer.device) if n < rows else None
                     if keep is not None:  # the engine dropped finished rows here: same batch, untimed
-                        decoder.cache.select(keep)
-                        decoder.allowed = decoder.allowed[keep]
+                        decoder.select(keep)
                         positions, rows = positions[keep], n
                     tokens = torch.tensor(
                         [c.token_ids[t] if t < len(c.token_ids) else 0 for c in comps[:n]], device=trainer.device

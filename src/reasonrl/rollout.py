@@ -611,13 +611,17 @@ class _BufferedDecoder:
             self.bias = _additive(self.allowed, next(self.model.parameters()).dtype)[:, None, None]
         return logits[self.which]
 
+    def select(self, keep: Tensor) -> None:
+        """Keep only the batch rows `keep`: their cache, mask and (lean step) additive mask."""
+        self.cache.select(keep)
+        self.allowed = self.allowed[keep]
+        if self.lean is not None:
+            self.bias = self.bias[keep]
+
     def decode(self, tokens: Tensor, positions: Tensor, keep: Tensor | None) -> Tensor:
         c = self.cache
         if keep is not None:
-            c.select(keep)
-            self.allowed = self.allowed[keep]
-            if self.lean is not None:
-                self.bias = self.bias[keep]
+            self.select(keep)
         if self.lean is not None:
             if self.rotary is None:
                 self.rotary = _rotary_table(self.lm, self.capacity, tokens.device)
