@@ -699,12 +699,13 @@ class _LeanStack:
     """A CPU decode step of a Llama / Qwen2 / Qwen3 causal LM as one function over plain tensors: the query, key and
     value projections concatenated into one matrix and the MLP's gate and up projections into another (once per
     chunk: the weights do not change while it samples), rotary embeddings applied to the queries and keys together
-    (`signed_sin`), and one new query per row attending to the cached keys and values
-    as transformers' eager attention computes it. The same values as the model's forward to float rounding, in about
-    a third of its ops: at a small model's decode shapes each op costs more than its arithmetic.
+    (`signed_sin`), and one new query per row attending to the cached keys and values as transformers' eager
+    attention computes it. The same values as the model's forward (bit for bit on the tiny Qwen2; float rounding at
+    most), in 152 ops a step instead of 216 on the 4-layer default: at a small model's decode shapes each op costs
+    more than its arithmetic (docs/benchmarks.md, round 5).
 
-    `build` gives None unless every projection is a plain `nn.Linear` (no LoRA or quantised layers), every norm is
-    one that `_rms_norm` computes, and the MLP is the gated one of these families; the decoder then runs
+    `build` gives None unless every projection is a plain `nn.Linear` (no LoRA or quantised layers), the norms are
+    these families' RMSNorm, and the MLP is their gated one (gate, up, down, act_fn); the decoder then runs
     `_layer_stack`."""
 
     def __init__(self, lm: Any, layers: list[dict[str, Any]]) -> None:
