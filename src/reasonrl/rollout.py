@@ -705,69 +705,79 @@ class _LeanStack:
     more than its arithmetic (docs/benchmarks.md, round 5).
 
     `build` gives None unless every projection is a plain `nn.Linear` (no LoRA or quantised layers), the norms are
-    these families' RMSNorm, and the MLP is their gated one (gate, up, down, act_fn); the decoder then runs
-    `_layer_stack`."""
+    these families' RMSNorm in float32, and the MLP is their gated one (gate, up, down, act_fn); the decoder then
+    runs `_layer_stack`. Weights are transposed once and norms called as torch's op, without the modules' calls:
+    F.linear's own kernels, and `_rms_norm`'s."""
 
-    def __init__(self, lm: Any, layers: list[dict[str, Any]]) -> None:
-        self.lm, self.layers = lm, layers
+    def __init__(self, lm: Any, layers: list[dict[str, Any]], final_norm: tuple[Tensor, float]) -> None:
+        self.lm, self.layers, self.final_norm = lm, layers, final_norm
 
     @classmethod
     def build(cls, lm: Any) -> _LeanStack | None:
-        linear = torch.nn.Linear
-
         def cat(xs: list[Tensor]) -> Tensor:
             return torch.cat(xs).detach()
+
+        def norm(module: Any) -> tuple[Tensor, float] | None:  # (weight, eps) of an RMSNorm `_rms_norm` runs as one op
+            ok = type(module).__name__ in RMS_NORMS and module.weight.dtype == torch.float32
+            return (module.weight.detach(), module.variance_epsilon) if ok else None
 
         layers = []
         for layer in lm.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
             projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-            norms = [layer.input_layernorm, layer.post_attention_layernorm]
-            norms += [attn.q_norm, attn.k_norm] if hasattr(attn, "q_norm") else []
-            if not all(type(m) is linear for m in projections) or not hasattr(mlp, "act_fn"):
+            norms = [norm(layer.input_layernorm), norm(layer.post_attention_layernorm)]
+            norms += [norm(attn.q_norm), norm(attn.k_norm)] if hasattr(attn, "q_norm") else []
+            if not all(type(m) is torch.nn.Linear for m in projections) or not hasattr(mlp, "act_fn"):
                 return None
-            if not all(type(n).__name__ in RMS_NORMS for n in norms) or type(lm.model.norm).__name__ not in RMS_NORMS:
+            if any(n is None for n in norms) or norm(lm.model.norm) is None:
                 return None
             q, k, v, o, gate, up, down = projections
             biases = [q.bias, k.bias, v.bias]
+            if any(b is not None for b in biases) and not all(b is not None for b in biases):
+                return None  # some projections with a bias, some without
+            act = mlp.act_fn  # SiLU as the function (a module call costs more than the op at these shapes)
+            silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
             layers.append(
                 {
-                    "qkv": cat([q.weight, k.weight, v.weight]),
-                    "qkv_bias": cat(biases) if all(b is not None for b in biases) else None,
-                    "o": o,
-                    "gate_up": cat([gate.weight, up.weight]),
+                    # weights transposed once (views), as F.linear would at every call: the same matmul kernels
+                    "qkv": cat([q.weight, k.weight, v.weight]).t(),
+                    "qkv_bias": cat(biases) if biases[0] is not None else None,
+                    "o": o.weight.detach().t(),
+                    "o_bias": o.bias.detach() if o.bias is not None else None,
+                    "gate_up": cat([gate.weight, up.weight]).t(),
                     "gate_up_bias": cat([gate.bias, up.bias]) if gate.bias is not None else None,
-                    "down": down,
-                    "act": mlp.act_fn,
+                    "down": down.weight.detach().t(),
+                    "down_bias": down.bias.detach() if down.bias is not None else None,
+                    "act": torch.nn.functional.silu if silu else act,
+                    "norms": norms,  # input, post-attention, (Qwen3) query and key
                     "split": (q.out_features, k.out_features),
+                    "head_dim": attn.head_dim,
+                    "scaling": attn.scaling,
                 }
             )
-            if any(b is not None for b in biases) and layers[-1]["qkv_bias"] is None:
-                return None  # some projections with a bias, some without
-        return cls(lm, layers)
+        return cls(lm, layers, norm(lm.model.norm))  # type: ignore[arg-type]
 
     def run(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Any) -> Tensor:
         """The decoder layers and final norm over token rows `x` [M, H] at rotary `cos`, `signed_sin(sin)`
-        [M, 1, d]; `attend(i, attention module, q, k, v)` (post-rotary, [M, heads, d]) gives layer i's attention
-        output [M, q heads * d], so that callers choose the keys, values and masks."""
+        [M, 1, d]; `attend(i, scaling, q, k, v)` (post-rotary, [M, heads, d]) gives layer i's attention output
+        [M, q heads * d], so that callers choose the keys, values and masks."""
         F, M = torch.nn.functional, len(x)
-        for i, (layer, w) in enumerate(zip(self.lm.model.layers, self.layers, strict=True)):
-            attn = layer.self_attn
-            d, (nq, nk) = attn.head_dim, w["split"]
-            qkv = F.linear(_rms_norm(layer.input_layernorm, x), w["qkv"], w["qkv_bias"])
-            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm of each head's query and key, before the rotation
-                q = _rms_norm(attn.q_norm, qkv[:, :nq].view(M, -1, d))
-                qk = torch.cat([q, _rms_norm(attn.k_norm, qkv[:, nq : nq + nk].view(M, -1, d))], dim=1)
+        for i, w in enumerate(self.layers):
+            d, (nq, nk), norms = w["head_dim"], w["split"], w["norms"]
+            qkv = _linear(F.rms_norm(x, (x.shape[-1],), *norms[0]), w["qkv"], w["qkv_bias"])
+            if len(norms) > 2:  # Qwen3: RMSNorm of each head's query and key, before the rotation
+                q = F.rms_norm(qkv[:, :nq].view(M, -1, d), (d,), *norms[2])
+                qk = torch.cat([q, F.rms_norm(qkv[:, nq : nq + nk].view(M, -1, d), (d,), *norms[3])], dim=1)
             else:
                 qk = qkv[:, : nq + nk].view(M, -1, d)
             qk = qk * cos + qk.roll(d // 2, -1) * sin  # [M, q heads + kv heads, d]: rotary, `signed_sin`
-            out = attend(i, attn, qk[:, : nq // d], qk[:, nq // d :], qkv[:, nq + nk :].view(M, -1, d))
-            x = x + w["o"](out)
-            h = F.linear(_rms_norm(layer.post_attention_layernorm, x), w["gate_up"], w["gate_up_bias"])
+            out = attend(i, w["scaling"], qk[:, : nq // d], qk[:, nq // d :], qkv[:, nq + nk :].view(M, -1, d))
+            x = x + _linear(out, w["o"], w["o_bias"])
+            h = _linear(F.rms_norm(x, (x.shape[-1],), *norms[1]), w["gate_up"], w["gate_up_bias"])
             gate, up = h.chunk(2, dim=-1)
-            x = x + w["down"](w["act"](gate) * up)
-        return _rms_norm(self.lm.model.norm, x)
+            x = x + _linear(w["act"](gate) * up, w["down"], w["down_bias"])
+        return F.rms_norm(x, (x.shape[-1],), *self.final_norm)
 
     def step(self, tokens: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: _KVBuffers) -> Tensor:
         """Next-token logits [B, V] after `tokens` [B] at rotary `cos`, `signed_sin(sin)` [B, 1, d], writing each
@@ -775,15 +785,20 @@ class _LeanStack:
         `bias` [B, 1, 1, length + 1], as transformers' eager attention does."""
         B, at = len(tokens), cache.length
 
-        def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        def attend(i: int, scaling: float, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             keys, values = cache.keys[i], cache.values[i]  # [B, kv heads, capacity, d]
             keys[:, :, at], values[:, :, at] = k, v
             q = q.reshape(B, keys.shape[1], -1, q.shape[-1])  # each key / value head's query heads together
-            scores = torch.matmul(q, keys[:, :, : at + 1].transpose(-1, -2)) * attn.scaling + bias
+            scores = torch.matmul(q, keys[:, :, : at + 1].transpose(-1, -2)) * scaling + bias
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             return torch.matmul(weights, values[:, :, : at + 1]).view(B, -1)
 
         return self.lm.lm_head(self.run(self.lm.model.embed_tokens(tokens), cos, sin, attend))
+
+
+def _linear(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(x, weight, bias) for 2-D x given weight.t(): the kernel F.linear calls (addmm, or mm)."""
+    return torch.addmm(bias, x, weight_t) if bias is not None else torch.mm(x, weight_t)
 
 
 def _causal_lm(model: Any) -> Any:
