@@ -542,10 +542,7 @@ def completion_logits(
         out = _attention(function, attn, q, keys, values, mask)  # [N, steps, heads, d]
         return out.reshape(N * steps, -1).index_select(0, at)[None]
 
-    # (the lean stack of the decode step, with its concatenated projections, measured no faster here: at M tokens
-    # the matmuls dominate, and the concatenation and its backward cost what the fewer ops save)
-    out = _layer_stack(lm, parts[0], hidden, cos, sin, attend)[0]
-    logits = lm.lm_head(out)  # [M, V]
+    logits = lm.lm_head(_layer_stack(lm, parts[0], hidden, cos, sin, attend))[0]  # [M, V]
     return torch.cat([first, padded(logits).to(first.dtype)], dim=1)
 
 
@@ -596,7 +593,7 @@ class _BufferedDecoder:
         self.cache = _KVBuffers()
         self.lm = _causal_lm(model)
         self.layerwise = _layerwise_parts(self.lm)
-        self.rotary: tuple[Tensor, Tensor] | None = None  # cos, sin of every position (layerwise decode)
+        self.rotary: tuple[Tensor, Tensor] | None = None  # cos, sin [capacity, d] of every position (`rotary`)
         # on a CPU, the decode step's projections concatenated once per chunk (`_LeanStack`), where the layers allow
         self.lean = _LeanStack.build(self.lm) if self.layerwise is not None and ids.device.type == "cpu" else None
 
@@ -618,20 +615,28 @@ class _BufferedDecoder:
         if self.lean is not None:
             self.bias = self.bias[keep]
 
+    def rotary_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, 1, d] at each row's position, looked up in a table of every position computed once per
+        chunk by the model's own rotary module; for the lean step the sine is `signed_sin`'s."""
+        if self.rotary is None:
+            probe = torch.zeros((1, 1, self.lm.config.hidden_size), dtype=next(self.lm.parameters()).dtype,
+                                device=positions.device)  # fmt: skip
+            cos, sin = self.lm.model.rotary_emb(probe, torch.arange(self.capacity, device=positions.device)[None])
+            self.rotary = cos[0], signed_sin(sin[0]) if self.lean is not None else sin[0]
+        return self.rotary[0][positions][:, None], self.rotary[1][positions][:, None]
+
     def decode(self, tokens: Tensor, positions: Tensor, keep: Tensor | None) -> Tensor:
         c = self.cache
         if keep is not None:
             self.select(keep)
         if self.lean is not None:
-            if self.rotary is None:
-                self.rotary = _rotary_table(self.lm, self.capacity, tokens.device)
-            cos, sin = self.rotary[0][positions][:, None], self.rotary[1][positions][:, None]
+            cos, sin = self.rotary_at(positions)
             logits = self.lean.step(tokens, cos, sin, self.bias[..., : c.length + 1], c)
             c.length += 1
             return logits
         allowed = self.allowed[:, None, None, : c.length + 1]
         if self.layerwise is not None:
-            logits = self._decode_layerwise(tokens[:, None], positions[:, None], allowed)
+            logits = self._decode_layerwise(tokens[:, None], positions, allowed)
         else:
             out = self.model(
                 input_ids=tokens[:, None],
@@ -644,17 +649,14 @@ class _BufferedDecoder:
         c.length += 1
         return logits
 
-    def _decode_layerwise(self, input_ids: Tensor, position_ids: Tensor, allowed: Tensor) -> Tensor:
+    def _decode_layerwise(self, input_ids: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
         """One decode step through the model's own modules and functions, layer by layer (`_layer_stack`): what its
         forward computes, op for op, without transformers' per-call wrappers. The rotary cosines and sines of every
         position are computed once per chunk (by the model's own rotary module) and looked up. On a CPU the one new
         query per row attends through `_decode_attention`; elsewhere through the model's attention function."""
         lm, (rope, attention, _) = self.lm, self.layerwise
         hidden = lm.model.embed_tokens(input_ids)
-        if self.rotary is None:
-            table = torch.arange(self.capacity, device=input_ids.device)[None]
-            self.rotary = lm.model.rotary_emb(hidden, table)
-        cos, sin = self.rotary[0][0][position_ids], self.rotary[1][0][position_ids]
+        cos, sin = self.rotary_at(positions)
         on_cpu = input_ids.device.type == "cpu"
         mask = _additive(allowed, hidden.dtype) if on_cpu else _mask(self.model, allowed)
 
@@ -669,22 +671,15 @@ class _BufferedDecoder:
 
 
 def _decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float) -> Tensor:
-    """Attention of one new query per row, q [B, heads, 1, d], over the cached k, v [B, kv heads, L, d] with an
-    additive mask `bias` [B, 1, 1, L]: [B, 1, heads * d]. Computed as transformers' eager attention computes it
-    (scores, float32 softmax, weighted values), with each key / value head's query heads grouped instead of its cache
-    repeated. On a CPU this beats the fused sdpa kernel, whose overhead per row and head outweighs a single query's
-    work; it agrees with it to float rounding."""
+    """Attention of one new query per row, q [B, heads, 1, d] (or [B, heads, d]), over the cached k, v [B, kv heads,
+    L, d] with an additive mask `bias` [B, 1, 1, L]: [B, 1, heads * d]. Computed as transformers' eager attention
+    computes it (scores, float32 softmax, weighted values), with each key / value head's query heads grouped instead
+    of its cache repeated. On a CPU this beats the fused sdpa kernel, whose overhead per row and head outweighs a
+    single query's work; it agrees with it to float rounding."""
     B, kv_heads = k.shape[:2]
     scores = torch.matmul(q.reshape(B, kv_heads, -1, q.shape[-1]), k.transpose(-1, -2)) * scaling + bias
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(weights, v).reshape(B, 1, -1)
-
-
-def _rotary_table(lm: Any, capacity: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos, `signed_sin` [capacity, head_dim] of positions 0 .. capacity - 1, from the model's own rotary module."""
-    probe = torch.zeros((1, 1, lm.config.hidden_size), dtype=next(lm.parameters()).dtype, device=device)
-    cos, sin = lm.model.rotary_emb(probe, torch.arange(capacity, device=device)[None])
-    return cos[0], signed_sin(sin[0])
 
 
 def signed_sin(sin: Tensor) -> Tensor:
@@ -721,6 +716,9 @@ class _LeanStack:
             ok = type(module).__name__ in RMS_NORMS and module.weight.dtype == torch.float32
             return (module.weight.detach(), module.variance_epsilon) if ok else None
 
+        final_norm = norm(lm.model.norm)
+        if final_norm is None:
+            return None
         layers = []
         for layer in lm.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -730,7 +728,7 @@ class _LeanStack:
             norms += [norm(attn.q_norm), norm(attn.k_norm)] if hasattr(attn, "q_norm") else []
             if not all(type(m) is torch.nn.Linear for m in projections) or not hasattr(mlp, "act_fn"):
                 return None
-            if any(n is None for n in norms) or norm(lm.model.norm) is None:
+            if any(n is None for n in norms):
                 return None
             q, k, v, o, gate, up, down = projections
             biases = [q.bias, k.bias, v.bias]
@@ -756,7 +754,7 @@ class _LeanStack:
                     "scaling": attn.scaling,
                 }
             )
-        return cls(lm, layers, norm(lm.model.norm))  # type: ignore[arg-type]
+        return cls(lm, layers, final_norm)
 
     def run(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Any) -> Tensor:
         """The decoder layers and final norm over token rows `x` [M, H] at rotary `cos`, `signed_sin(sin)`
@@ -783,15 +781,12 @@ class _LeanStack:
         """Next-token logits [B, V] after `tokens` [B] at rotary `cos`, `signed_sin(sin)` [B, 1, d], writing each
         layer's key and value at column `cache.length` and attending over columns 0 .. length with additive mask
         `bias` [B, 1, 1, length + 1], as transformers' eager attention does."""
-        B, at = len(tokens), cache.length
+        at = cache.length
 
         def attend(i: int, scaling: float, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             keys, values = cache.keys[i], cache.values[i]  # [B, kv heads, capacity, d]
             keys[:, :, at], values[:, :, at] = k, v
-            q = q.reshape(B, keys.shape[1], -1, q.shape[-1])  # each key / value head's query heads together
-            scores = torch.matmul(q, keys[:, :, : at + 1].transpose(-1, -2)) * scaling + bias
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            return torch.matmul(weights, values[:, :, : at + 1]).view(B, -1)
+            return _decode_attention(q, keys[:, :, : at + 1], values[:, :, : at + 1], bias, scaling)[:, 0]
 
         return self.lm.lm_head(self.run(self.lm.model.embed_tokens(tokens), cos, sin, attend))
 
