@@ -193,10 +193,13 @@ def test_generic_path_and_eager_attention_give_the_same_samples(policy, monkeypa
     _same(_both(HFEngine(model, tok), FastEngine(model, tok), prompts, 2, sampling)[1], reference)
 
 
-def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, monkeypatch):
+@pytest.mark.parametrize("overhead", [rollout.BUCKET_OVERHEAD, 0.0])
+def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, monkeypatch, overhead):
     """`completion_logits` (each prompt once, its completions behind its cached keys and values) against the generic
-    path (every prompt + completion as one sequence): logits and parameter gradients agree."""
+    path (every prompt + completion as one sequence): logits and parameter gradients agree, with the default
+    attention buckets and with as many as the lengths allow (no cost per bucket)."""
     model, tok, prompts = policy
+    monkeypatch.setattr(rollout, "BUCKET_OVERHEAD", overhead)
     torch.manual_seed(0)
     comps = FastEngine(model, tok).generate(prompts, 3, SamplingParams(16, 1.0))
     ids, real, which = pad_prompts([c.prompt_ids for c in comps], tok.pad_token_id, torch.device("cpu"))
@@ -206,6 +209,8 @@ def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, 
     mask = torch.tensor([[1.0] * len(c.token_ids) + [0.0] * (width - len(c.token_ids)) for c in comps])
     lengths = torch.tensor([len(c.token_ids) for c in comps])
     assert len(set(lengths.tolist())) > 1  # the padding-free pass has padding to leave out
+    if overhead == 0:
+        assert len(rollout.attention_buckets(lengths - 1, ids.shape[1])) > 1
     model.train()
     results = []
     for fast in (True, False):
@@ -219,6 +224,56 @@ def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, 
     assert ((a - b).abs() * mask).max() < 1e-5
     for x, y in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def _naive_bucket_cost(runs: list[int], width: int, max_buckets: int, overhead: float) -> float:
+    """The least work over every split of the sorted distinct run lengths into at most `max_buckets` ranges."""
+    values = sorted({r for r in runs if r > 0})
+    best = float("inf")
+    for count in range(1, min(max_buckets, len(values)) + 1):
+        for cuts in itertools.combinations(range(1, len(values)), count - 1):
+            total = 0.0
+            for lo, hi in zip((0, *cuts), (*cuts, len(values)), strict=True):
+                top = values[hi - 1]
+                rows = sum(1 for r in runs if values[lo] <= r <= top)
+                total += rows * top * (width + top) + overhead
+            best = min(best, total)
+    return best
+
+
+def test_attention_buckets_cover_the_rows_with_the_least_padded_work():
+    """Against an exhaustive search: every row with tokens to run is in exactly one bucket, each bucket is as wide
+    as its longest row, and the total work is the least any split of the lengths gives."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n, width, max_buckets = int(torch.randint(1, 40, (1,), generator=gen)), trial % 13, 1 + trial % 4
+        runs = torch.randint(0, 30, (n,), generator=gen)
+        if trial % 5 == 0:
+            runs[0] = 63  # one long completion among short ones
+        buckets = rollout.attention_buckets(runs, width, max_buckets)
+        rows = sorted(r for b, _ in buckets for r in b.tolist())
+        assert rows == [i for i in range(n) if runs[i] > 0]
+        assert len(buckets) <= max_buckets
+        for b, w in buckets:
+            assert w == int(runs[b].max())
+        cost = sum(len(b) * w * (width + w) + rollout.BUCKET_OVERHEAD for b, w in buckets)
+        if buckets:
+            expected = _naive_bucket_cost(runs.tolist(), width, max_buckets, rollout.BUCKET_OVERHEAD)
+            assert cost == pytest.approx(expected)
+    assert rollout.attention_buckets(torch.zeros(3, dtype=torch.long), 5) == []
+
+
+def test_shared_prompt_pass_of_one_token_completions(policy):
+    """Completions of one token each leave nothing to run behind the prompts: the first column is the prompt pass's
+    prediction, the rest zeros."""
+    model, tok, prompts = policy
+    ids, real, which = pad_prompts(prompts[:2], tok.pad_token_id, torch.device("cpu"))
+    targets = torch.tensor([[tok.eos_token_id, tok.pad_token_id]] * 2)
+    with torch.no_grad():
+        logits = completion_logits(model, ids, real, which, targets, torch.tensor([1, 1]))
+        full = completion_logits(model, ids, real, which, targets)
+    assert logits.shape == full.shape
+    assert torch.allclose(logits[:, 0], full[:, 0]) and not logits[:, 1].any()
 
 
 def test_make_engine_and_the_trainers_default(tiny_config, tmp_path):

@@ -482,8 +482,9 @@ def completion_logits(
     Fast path: each distinct prompt runs once; its keys and values are shared by its completions, which run behind
     them (the last completion token is only a target and is not run). For Llama / Qwen2 / Qwen3 the completions'
     tokens run padding-free through the model's own layers (`_layer_stack`): projections, norms and MLPs see only
-    real tokens, and only attention works on the padded block. The logits equal those of running every
-    prompt + completion as one sequence, up to float rounding. Generic path: exactly that, prompts left-padded in
+    real tokens, and only attention works on padded blocks, one per group of rows of similar length
+    (`attention_buckets`). The logits equal those of running every prompt + completion as one sequence, up to float
+    rounding. Generic path: exactly that, prompts left-padded in
     front of their completions."""
     N, T = completions.shape
     bare = _bare(model)  # `model` may be a data-parallel wrapper: it runs the passes, the bare model describes them
@@ -504,12 +505,13 @@ def completion_logits(
         return first
     W, steps, device = prompt_ids.shape[1], T - 1, completions.device
     causal = torch.ones((steps, steps), dtype=torch.bool, device=device).tril()
-    allowed = torch.cat([prompt_mask[which][:, None, :].expand(N, steps, W), causal[None].expand(N, steps, steps)], -1)
     positions = prompt_mask.sum(-1)[which][:, None] + torch.arange(steps, device=device)
     lm = _causal_lm(bare)
     parts = _layerwise_parts(lm)
     if parts is None:  # same layout, through the model's forward (padded)
         cache.which = which
+        allowed = torch.cat([prompt_mask[which][:, None, :].expand(N, steps, W), causal[None].expand(N, steps, steps)],
+                            -1)  # fmt: skip
         out = model(
             input_ids=completions[:, :-1],
             attention_mask=_mask(model, allowed[:, None]),
@@ -518,32 +520,89 @@ def completion_logits(
             use_cache=True,
         )
         return torch.cat([first, out.logits], dim=1)
-    # On a CPU the block goes through the model's eager attention (two matmuls and a float32 softmax): at these block
+    lengths = torch.full((N,), T, device=device) if lengths is None else lengths.clamp(max=T)
+    # Attention works on padded blocks, one per bucket of rows of similar length (`attention_buckets`), so that one
+    # long completion does not pad every row's block; the tokens run bucket by bucket. `at` [M]: each run token's
+    # place in the [N, steps] block; `local[b]`: bucket b's tokens in its own [rows, width] block.
+    buckets = attention_buckets((lengths - 1).clamp(min=0), W)
+    if not buckets:  # every completion is one token: nothing to run behind the prompts
+        return torch.cat([first, first.new_zeros((N, steps, first.shape[-1]))], dim=1)
+    dtype = next(model.parameters()).dtype
+    local, at, masks = [], [], []
+    for rows, width in buckets:
+        real = torch.arange(width, device=device)[None] < (lengths[rows, None] - 1)
+        local.append(real.flatten().nonzero().squeeze(1))
+        at.append((rows[:, None] * steps + torch.arange(width, device=device)).flatten()[local[-1]])
+        causal_b = causal[:width, :width][None].expand(len(rows), width, width)
+        allowed = torch.cat([prompt_mask[which[rows]][:, None, :].expand(len(rows), width, W), causal_b], -1)[:, None]
+        masks.append(_additive(allowed, dtype) if device.type == "cpu" else _mask(model, allowed))
+    at_all = torch.cat(at)
+    # On a CPU the blocks go through the model's eager attention (two matmuls and a float32 softmax): at these block
     # sizes the fused sdpa kernel's forward and backward cost 1.7x as much (docs/benchmarks.md); same values to float
     # rounding. Elsewhere, the attention the model is configured with.
-    if device.type == "cpu":
-        function, mask = parts[2], _additive(allowed[:, None], next(model.parameters()).dtype)
-    else:
-        function, mask = parts[1], _mask(model, allowed[:, None])
-    lengths = torch.full((N,), T, device=device) if lengths is None else lengths.clamp(max=T)
-    real = torch.arange(steps, device=device)[None] < (lengths[:, None] - 1)  # [N, steps]: tokens that are run
-    at = real.flatten().nonzero().squeeze(1)  # their places in the padded block, row-major
-    hidden = lm.model.embed_tokens(completions[:, :-1].flatten()[at])[None]  # [1, M, H]: the real tokens in a row
-    cos, sin = lm.model.rotary_emb(hidden, positions.flatten()[at][None])
+    function = parts[2] if device.type == "cpu" else parts[1]
+    hidden = lm.model.embed_tokens(completions[:, :-1].flatten()[at_all])[None]  # [1, M, H]: real tokens in a row
+    cos, sin = lm.model.rotary_emb(hidden, positions.flatten()[at_all][None])
 
-    def padded(x: Tensor) -> Tensor:  # [M, ...] token rows -> [N, steps, ...], zeros elsewhere
-        return x.new_zeros((N * steps, *x.shape[1:])).index_copy(0, at, x).unflatten(0, (N, steps))
+    def block(x: Tensor, index: Tensor, rows: int, width: int) -> Tensor:  # [m, ...] -> [rows, width, ...], zeros
+        return x.new_zeros((rows * width, *x.shape[1:])).index_copy(0, index, x).unflatten(0, (rows, width))
 
     def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        # to the padded block [N, heads, steps, d] behind each row's prompt keys / values, and back to the tokens
-        q, k, v = (padded(x[0]).transpose(1, 2) for x in (q, k, v))
-        keys = torch.cat([cache.keys[i][which], k.to(cache.keys[i].dtype)], dim=-2)
-        values = torch.cat([cache.values[i][which], v.to(cache.values[i].dtype)], dim=-2)
-        out = _attention(function, attn, q, keys, values, mask)  # [N, steps, heads, d]
-        return out.reshape(N * steps, -1).index_select(0, at)[None]
+        # bucket by bucket: its tokens' q, k, v as a padded block [rows, heads, width, d] behind its rows' prompt
+        # keys / values, and back to the tokens
+        outs, start = [], 0
+        for (rows, width), index, mask in zip(buckets, local, masks, strict=True):
+            part = slice(start, start + len(index))
+            start += len(index)
+            qb, kb, vb = (block(x[0, part], index, len(rows), width).transpose(1, 2) for x in (q, k, v))
+            keys = torch.cat([cache.keys[i][which[rows]], kb.to(cache.keys[i].dtype)], dim=-2)
+            values = torch.cat([cache.values[i][which[rows]], vb.to(cache.values[i].dtype)], dim=-2)
+            out = _attention(function, attn, qb, keys, values, mask)  # [rows, width, heads, d]
+            outs.append(out.reshape(len(rows) * width, -1).index_select(0, index))
+        return (torch.cat(outs) if len(outs) > 1 else outs[0])[None]
 
     logits = lm.lm_head(_layer_stack(lm, parts[0], hidden, cos, sin, attend))[0]  # [M, V]
-    return torch.cat([first, padded(logits).to(first.dtype)], dim=1)
+    padded = logits.new_zeros((N * steps, logits.shape[-1])).index_copy(0, at_all, logits).unflatten(0, (N, steps))
+    return torch.cat([first, padded.to(first.dtype)], dim=1)
+
+
+# Fixed cost of one more attention block, in units of the work a block grows by (one row x one query x one key):
+# about the cost of a block's 40-odd extra ops per layer, forward and backward, on a CPU (docs/benchmarks.md).
+BUCKET_OVERHEAD = 20_000.0
+
+
+def attention_buckets(runs: Tensor, prompt_width: int, max_buckets: int = 4) -> list[tuple[Tensor, int]]:
+    """Rows with run lengths `runs` [N] (completion tokens run behind a `prompt_width`-column prompt) grouped for
+    padded attention: [(rows, width)], each group padded to its longest row, minimising the blocks' work
+    rows x width x (prompt_width + width) plus `BUCKET_OVERHEAD` per block. Rows with nothing to run are left out.
+    Dynamic programming over the sorted distinct lengths (a group is a range of them), at most `max_buckets`."""
+    values, counts = torch.unique(runs[runs > 0].cpu(), sorted=True, return_counts=True)
+    D = len(values)
+    if D == 0:
+        return []
+    before = torch.cat([torch.zeros(1, dtype=torch.float64), counts.cumsum(0).double()])  # rows below each value
+    area = values.double() * (prompt_width + values.double())  # per row, of a block as wide as each value
+    starts = torch.arange(D)
+    # cost[i, k]: one block for the values i..k (its rows padded to values[k]); inf where i > k
+    cost = (before[1:][None] - before[:-1][:, None]) * area[None] + BUCKET_OVERHEAD
+    cost = cost.masked_fill(starts[:, None] > starts[None], float("inf"))
+    best, cuts = [cost[0]], [torch.zeros(D, dtype=torch.long)]  # per block count: best[k] covers values 0..k
+    for _ in range(1, min(max_buckets, D)):
+        prev = torch.cat([torch.full((1,), float("inf"), dtype=torch.float64), best[-1][:-1]])  # covers 0..i-1
+        total, cut = (prev[:, None] + cost).min(0)  # the last block starts at value `cut`
+        best.append(total)
+        cuts.append(cut)
+    count = int(torch.stack([b[-1] for b in best]).argmin())
+    bounds, k = [], D - 1
+    for level in range(count, -1, -1):  # walk the cuts back from the last value
+        i = int(cuts[level][k])
+        bounds.append((int(values[i]), int(values[k])))
+        k = i - 1
+    runs_cpu = runs.cpu()
+    return [
+        (torch.nonzero((runs_cpu >= lo) & (runs_cpu <= hi)).squeeze(1).to(runs.device), hi)
+        for lo, hi in reversed(bounds)
+    ]
 
 
 class _KVBuffers:
