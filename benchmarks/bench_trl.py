@@ -11,7 +11,10 @@ and `--threads 1`).
 
 Peak memory (`--memory`, on by default): each trainer runs once more in a fresh child process with the default
 allocator; the peak resident set size during its timed steps (VmHWM reset after the warm-up) minus its resident size
-before them is the memory a step needs on top of the loaded model, optimiser state and libraries.
+before them is the memory a step needs on top of the loaded model, optimiser state and libraries. That figure also
+moves with what the allocator kept from the warm-up, so a second measure (`--live-memory`, on with `--memory`) runs
+each trainer once more under torch's profiler and takes the peak of the live bytes of tensors allocated during 3
+timed steps (`LivePeak`; reasonrl in one process, which the profiler can see whole).
 
 Not measured: model loading, trainer construction, warm-start, evaluation, checkpointing, writing metric logs.
 
@@ -145,6 +148,37 @@ class PeakRSS:
         step = sum(peak[pid] - self.base[pid] for pid in self.pids)
         self.result = {"peak_rss": peak["self"], "base_rss": self.base["self"], "step_peak": step,
                        "processes": len(peak)}  # fmt: skip
+        return self.result
+
+
+class LivePeak:
+    """Peak bytes of live tensors allocated during a span, in this process: torch's profiler records every CPU
+    tensor allocation and free (`profile_memory`); their running sum in time order peaks at the memory the span's
+    tensors need, whatever the allocator keeps or returns (`raw_peak`). Tensors that existed before the span
+    (model, optimiser state) are not counted: the profiler drops frees of blocks it did not see allocated. As a
+    cross-check, the peak of the profiler's own memory timeline (`export_memory_timeline`, live tensors summed by
+    category; `live_peak`). Slow (tens of seconds of analysis a step): run it on a few steps."""
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                            with_stack=True)  # fmt: skip
+        self.prof.start()
+
+    def stop(self) -> dict[str, int]:
+        self.prof.stop()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "timeline.json"
+            self.prof.export_memory_timeline(str(path), device="cpu")
+            _, sizes = json.loads(path.read_text())  # [times], [[bytes per category] per time]
+        # cross-check: the raw allocation records (+bytes on allocation, -bytes on free), summed in time order
+        events = [e for e in self.prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        live = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            peak = max(peak, live)
+        self.result = {"live_peak": max((sum(row) for row in sizes), default=0), "raw_peak": peak, "processes": 1}
         return self.result
 
 
@@ -392,9 +426,9 @@ def run_trl(
 # Peak memory, one fresh process per trainer
 
 
-def memory_child(name: str, model_dir: Path, w: Workload) -> dict[str, Any]:
+def memory_child(name: str, model_dir: Path, w: Workload, measure: str = "rss") -> dict[str, Any]:
     torch.set_num_threads(w.threads)
-    peak = PeakRSS()
+    peak = PeakRSS() if measure == "rss" else LivePeak()
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
         if name == "reasonrl":
             run_reasonrl(model_dir, w, Path(tmp), peak)
@@ -404,9 +438,14 @@ def memory_child(name: str, model_dir: Path, w: Workload) -> dict[str, Any]:
         return peak.result
 
 
-def measure_memory(name: str, model_dir: Path, w: Workload) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--memory-child", name, "--model-dir", str(model_dir), "--workload"]
-    out = subprocess.run([*cmd, json.dumps(asdict(w))], capture_output=True, text=True, check=False)
+def measure_memory(name: str, model_dir: Path, w: Workload, measure: str = "rss") -> dict[str, Any]:
+    """One trainer's step peak in a fresh process: "rss" over the timed steps (`PeakRSS`), or "live" tensor bytes
+    (`LivePeak`) over 3 timed steps, with reasonrl in one process (`rollout.workers=1`), since the profiler sees only
+    its own process: one process then holds every tensor of the step that two processes share otherwise."""
+    if measure == "live":
+        w = Workload(**{**asdict(w), "steps": min(w.steps, 3), "workers": 1 if name == "reasonrl" else w.workers})
+    cmd = [sys.executable, __file__, "--memory-child", name, "--measure", measure, "--model-dir", str(model_dir)]
+    out = subprocess.run([*cmd, "--workload", json.dumps(asdict(w))], capture_output=True, text=True, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
         raise RuntimeError(f"memory run of {name} failed:\n{out.stderr[-3000:]}")
@@ -435,7 +474,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--malloc", choices=["keep", "default"], default="keep", help="keep freed memory in the process (glibc)"
     )
+    ap.add_argument(
+        "--live-memory", action=argparse.BooleanOptionalAction, default=True,
+        help="also the peak of live tensor bytes of a step (torch profiler; with --memory)",
+    )  # fmt: skip
     ap.add_argument("--memory-child", choices=["reasonrl", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=["rss", "live"], default="rss", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -450,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers / TRL
 
     if a.memory_child:  # internal: one trainer's peak memory in this fresh process
-        print(json.dumps(memory_child(a.memory_child, Path(a.model_dir), Workload(**json.loads(a.workload)))))
+        w = Workload(**json.loads(a.workload))
+        print(json.dumps(memory_child(a.memory_child, Path(a.model_dir), w, a.measure)))
         return
     if a.warmup < 1 or a.steps < 1 or a.repeats < 1:
         ap.error("--warmup, --steps and --repeats must be >= 1")
@@ -509,6 +554,9 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         memory = {name: measure_memory(name, model_dir, w) for name in ("reasonrl", "trl")} if a.memory else None
+        live = None
+        if a.memory and a.live_memory:
+            live = {name: measure_memory(name, model_dir, w, "live") for name in ("reasonrl", "trl")}
 
     wall = [o.per_s / t.per_s for o, t in zip(ours, theirs, strict=True)]
     cpu = [o.per_cpu_s / t.per_cpu_s for o, t in zip(ours, theirs, strict=True)]
@@ -548,6 +596,16 @@ def main(argv: list[str] | None = None) -> None:
         )
         ratio = memory["reasonrl"]["step_peak"] / max(memory["trl"]["step_peak"], 1)
         print(f"ratio reasonrl/trl step peak memory: {ratio:.2f}")
+    if live is not None:
+        mib = 1 << 20
+        ours_live, trl_live = live["reasonrl"]["raw_peak"], live["trl"]["raw_peak"]
+        print(
+            "peak live tensor bytes of a step (torch profiler: allocations minus frees of tensors allocated during 3 "
+            f"timed steps; reasonrl in one process): reasonrl {ours_live / mib:.1f} MiB, trl {trl_live / mib:.1f} "
+            f"MiB (the profiler's memory timeline: {live['reasonrl']['live_peak'] / mib:.1f}, "
+            f"{live['trl']['live_peak'] / mib:.1f})"
+        )
+        print(f"ratio reasonrl/trl peak live tensor bytes: {ours_live / max(trl_live, 1):.2f}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"1-min load average {load:.2f} at end")
     pairs = f"median of {a.repeats} paired runs"
