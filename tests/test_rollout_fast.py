@@ -521,3 +521,25 @@ def test_lean_decode_step_only_for_plain_layers(policy):
         assert rollout._LeanStack.build(model) is None
     finally:
         attn.v_proj = plain
+
+
+def test_the_cache_goes_by_the_keyword_the_model_takes(policy):
+    """transformers renamed the forward's `past_key_values` to `cache` (the old name warns at every call): the
+    engine and the shared-prompt pass use whichever name the model's forward has, and sample without the warning."""
+    import warnings
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    class New:
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    assert rollout._cache_keyword(Old) == "past_key_values" and rollout._cache_keyword(New) == "cache"
+    model, tok, prompts = policy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        comps = FastEngine(model, tok).generate(prompts[:2], 2, SamplingParams(8, 1.0))
+        ids, real, which = pad_prompts([c.prompt_ids for c in comps], tok.pad_token_id, torch.device("cpu"))
+        targets = torch.tensor([c.token_ids + [tok.pad_token_id] * (8 - len(c.token_ids)) for c in comps])
+        with torch.no_grad():
+            completion_logits(model, ids, real, which, targets)

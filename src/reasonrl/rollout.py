@@ -18,6 +18,8 @@ prompt runs once and its completions attend to its cached keys and values.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -426,6 +428,17 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def _cache_arg(model: Any, cache: Any) -> dict[str, Any]:
+    """`cache` as the keyword argument `model`'s forward takes it by: `cache` in the transformers releases that
+    renamed it (the old name then warns on every call), `past_key_values` before them and in models that kept it."""
+    return {_cache_keyword(type(_causal_lm(model))): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _prefill(model: Any, ids: Tensor, real: Tensor, cache: Any) -> Tensor:
     """Run the left-padded prompts through `model` into `cache`; the next-token logits at the last column [U, V]."""
     width = ids.shape[1]
@@ -436,7 +449,7 @@ def _prefill(model: Any, ids: Tensor, real: Tensor, cache: Any) -> Tensor:
         input_ids=ids,
         attention_mask=_mask(model, allowed[:, None]),
         position_ids=(real.long().cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache,
+        **_cache_arg(model, cache),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -516,7 +529,7 @@ def completion_logits(
             input_ids=completions[:, :-1],
             attention_mask=_mask(model, allowed[:, None]),
             position_ids=positions,
-            past_key_values=cache,
+            **_cache_arg(model, cache),
             use_cache=True,
         )
         return torch.cat([first, out.logits], dim=1)
@@ -701,7 +714,7 @@ class _BufferedDecoder:
                 input_ids=tokens[:, None],
                 attention_mask=_mask(self.model, allowed),
                 position_ids=positions[:, None],
-                past_key_values=c,
+                **_cache_arg(self.model, c),
                 use_cache=True,
             )
             logits = out.logits[:, -1]
@@ -945,7 +958,7 @@ class _CacheDecoder:
             input_ids=self.ids[self.which],
             attention_mask=self.attention,
             position_ids=(self.attention.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=self.cache,
+            **_cache_arg(self.model, self.cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -960,7 +973,7 @@ class _CacheDecoder:
             input_ids=tokens[:, None],
             attention_mask=self.attention,
             position_ids=positions[:, None],
-            past_key_values=self.cache,
+            **_cache_arg(self.model, self.cache),
             use_cache=True,
         )
         return out.logits[:, -1]
