@@ -497,8 +497,7 @@ def completion_logits(
     tokens run padding-free through the model's own layers (`_layer_stack`): projections, norms and MLPs see only
     real tokens, and only attention works on padded blocks, one per group of rows of similar length
     (`attention_buckets`). The logits equal those of running every prompt + completion as one sequence, up to float
-    rounding. Generic path: exactly that, prompts left-padded in
-    front of their completions."""
+    rounding. Generic path: exactly that, prompts left-padded in front of their completions."""
     N, T = completions.shape
     bare = _bare(model)  # `model` may be a data-parallel wrapper: it runs the passes, the bare model describes them
     # (HF gradient checkpointing turns the shared-prefix cache off while training: then run whole sequences)
@@ -535,7 +534,7 @@ def completion_logits(
         return torch.cat([first, out.logits], dim=1)
     lengths = torch.full((N,), T, device=device) if lengths is None else lengths.clamp(max=T)
     # Attention works on padded blocks, one per bucket of rows of similar length (`attention_buckets`), so that one
-    # long completion does not pad every row's block; the tokens run bucket by bucket. `at` [M]: each run token's
+    # long completion does not pad every row's block; the tokens run bucket by bucket. `at_all` [M]: each run token's
     # place in the [N, steps] block; `local[b]`: bucket b's tokens in its own [rows, width] block.
     buckets = attention_buckets((lengths - 1).clamp(min=0), W)
     if not buckets:  # every completion is one token: nothing to run behind the prompts
