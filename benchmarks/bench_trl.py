@@ -172,7 +172,7 @@ class LivePeak:
             path = Path(tmp) / "timeline.json"
             self.prof.export_memory_timeline(str(path), device="cpu")
             _, sizes = json.loads(path.read_text())  # [times], [[bytes per category] per time]
-        # cross-check: the raw allocation records (+bytes on allocation, -bytes on free), summed in time order
+        # the raw allocation records (+bytes on allocation, -bytes on free), summed in time order: `raw_peak`
         events = [e for e in self.prof.profiler.kineto_results.events() if e.name() == "[memory]"]
         live = peak = 0
         for e in sorted(events, key=lambda e: e.start_ns()):

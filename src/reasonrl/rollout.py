@@ -536,18 +536,20 @@ def completion_logits(
     # Attention works on padded blocks, one per bucket of rows of similar length (`attention_buckets`), so that one
     # long completion does not pad every row's block; the tokens run bucket by bucket. `at_all` [M]: each run token's
     # place in the [N, steps] block; `local[b]`: bucket b's tokens in its own [rows, width] block.
-    buckets = attention_buckets((lengths - 1).clamp(min=0), W)
+    runs = (lengths - 1).clamp(min=0)  # tokens run per row (the last one is only a target)
+    buckets = attention_buckets(runs, W)
     if not buckets:  # every completion is one token: nothing to run behind the prompts
         return torch.cat([first, first.new_zeros((N, steps, first.shape[-1]))], dim=1)
     dtype = next(model.parameters()).dtype
-    local, at, masks = [], [], []
+    local, at, masks, prompt_rows = [], [], [], []
     for rows, width in buckets:
-        real = torch.arange(width, device=device)[None] < (lengths[rows, None] - 1)
+        real = torch.arange(width, device=device)[None] < runs[rows, None]
         local.append(real.flatten().nonzero().squeeze(1))
         at.append((rows[:, None] * steps + torch.arange(width, device=device)).flatten()[local[-1]])
+        prompt_rows.append(which[rows])
         causal_b = causal[:width, :width][None].expand(len(rows), width, width)
-        allowed = torch.cat([prompt_mask[which[rows]][:, None, :].expand(len(rows), width, W), causal_b], -1)[:, None]
-        masks.append(_additive(allowed, dtype) if device.type == "cpu" else _mask(model, allowed))
+        allowed = torch.cat([prompt_mask[prompt_rows[-1]][:, None, :].expand(len(rows), width, W), causal_b], -1)
+        masks.append(_additive(allowed[:, None], dtype) if device.type == "cpu" else _mask(model, allowed[:, None]))
     at_all = torch.cat(at)
     # On a CPU the blocks go through the model's eager attention (two matmuls and a float32 softmax): at these block
     # sizes the fused sdpa kernel's forward and backward cost 1.7x as much (docs/benchmarks.md); same values to float
@@ -563,12 +565,12 @@ def completion_logits(
         # bucket by bucket: its tokens' q, k, v as a padded block [rows, heads, width, d] behind its rows' prompt
         # keys / values, and back to the tokens
         outs, start = [], 0
-        for (rows, width), index, mask in zip(buckets, local, masks, strict=True):
+        for (rows, width), index, mask, prompts in zip(buckets, local, masks, prompt_rows, strict=True):
             part = slice(start, start + len(index))
             start += len(index)
             qb, kb, vb = (block(x[0, part], index, len(rows), width).transpose(1, 2) for x in (q, k, v))
-            keys = torch.cat([cache.keys[i][which[rows]], kb.to(cache.keys[i].dtype)], dim=-2)
-            values = torch.cat([cache.values[i][which[rows]], vb.to(cache.values[i].dtype)], dim=-2)
+            keys = torch.cat([cache.keys[i][prompts], kb.to(cache.keys[i].dtype)], dim=-2)
+            values = torch.cat([cache.values[i][prompts], vb.to(cache.values[i].dtype)], dim=-2)
             out = _attention(function, attn, qb, keys, values, mask)  # [rows, width, heads, d]
             outs.append(out.reshape(len(rows) * width, -1).index_select(0, index))
         return (torch.cat(outs) if len(outs) > 1 else outs[0])[None]
@@ -588,7 +590,8 @@ def attention_buckets(runs: Tensor, prompt_width: int, max_buckets: int = 4) -> 
     padded attention: [(rows, width)], each group padded to its longest row, minimising the blocks' work
     rows x width x (prompt_width + width) plus `BUCKET_OVERHEAD` per block. Rows with nothing to run are left out.
     Dynamic programming over the sorted distinct lengths (a group is a range of them), at most `max_buckets`."""
-    values, counts = torch.unique(runs[runs > 0].cpu(), sorted=True, return_counts=True)
+    runs_cpu = runs.cpu()
+    values, counts = torch.unique(runs_cpu[runs_cpu > 0], sorted=True, return_counts=True)
     D = len(values)
     if D == 0:
         return []
@@ -610,7 +613,6 @@ def attention_buckets(runs: Tensor, prompt_width: int, max_buckets: int = 4) -> 
         i = int(cuts[level][k])
         bounds.append((int(values[i]), int(values[k])))
         k = i - 1
-    runs_cpu = runs.cpu()
     return [
         (torch.nonzero((runs_cpu >= lo) & (runs_cpu <= hi)).squeeze(1).to(runs.device), hi)
         for lo, hi in reversed(bounds)
@@ -664,7 +666,7 @@ class _BufferedDecoder:
         self.cache = _KVBuffers()
         self.lm = _causal_lm(model)
         self.layerwise = _layerwise_parts(self.lm)
-        self.rotary: tuple[Tensor, Tensor] | None = None  # cos, sin [capacity, d] of every position (`rotary`)
+        self.rotary: tuple[Tensor, Tensor] | None = None  # cos, sin [capacity, d] of every position (`rotary_at`)
         # on a CPU, the decode step's projections concatenated once per chunk (`_LeanStack`), where the layers allow
         self.lean = _LeanStack.build(self.lm) if self.layerwise is not None and ids.device.type == "cpu" else None
 
@@ -673,18 +675,16 @@ class _BufferedDecoder:
         width = self.ids.shape[1]
         self.cache.expand(self.which, self.capacity)
         self.cache.length = width
-        self.allowed = torch.ones((len(self.which), self.capacity), dtype=torch.bool, device=self.ids.device)
-        self.allowed[:, :width] = self.real[self.which]
-        if self.lean is not None:  # the additive mask of every column, kept with the rows (decode tokens: all 0)
-            self.bias = _additive(self.allowed, next(self.model.parameters()).dtype)[:, None, None]
+        allowed = torch.ones((len(self.which), self.capacity), dtype=torch.bool, device=self.ids.device)
+        allowed[:, :width] = self.real[self.which]
+        # the mask of every column, kept with the rows (decode tokens: all allowed); the lean step reads it additive
+        self.mask = allowed if self.lean is None else _additive(allowed, next(self.model.parameters()).dtype)
         return logits[self.which]
 
     def select(self, keep: Tensor) -> None:
-        """Keep only the batch rows `keep`: their cache, mask and (lean step) additive mask."""
+        """Keep only the batch rows `keep`: their cache and mask."""
         self.cache.select(keep)
-        self.allowed = self.allowed[keep]
-        if self.lean is not None:
-            self.bias = self.bias[keep]
+        self.mask = self.mask[keep]
 
     def rotary_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin [B, 1, d] at each row's position, looked up in a table of every position computed once per
@@ -702,10 +702,10 @@ class _BufferedDecoder:
             self.select(keep)
         if self.lean is not None:
             cos, sin = self.rotary_at(positions)
-            logits = self.lean.step(tokens, cos, sin, self.bias[..., : c.length + 1], c)
+            logits = self.lean.step(tokens, cos, sin, self.mask[:, None, None, : c.length + 1], c)
             c.length += 1
             return logits
-        allowed = self.allowed[:, None, None, : c.length + 1]
+        allowed = self.mask[:, None, None, : c.length + 1]
         if self.layerwise is not None:
             logits = self._decode_layerwise(tokens[:, None], positions, allowed)
         else:
