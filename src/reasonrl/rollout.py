@@ -564,18 +564,19 @@ def completion_logits(
     def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # bucket by bucket: its tokens' q, k, v as a padded block [rows, heads, width, d] behind its rows' prompt
         # keys / values, and back to the tokens
-        outs, start = [], 0
-        for (rows, width), index, mask, prompts in zip(buckets, local, masks, prompt_rows, strict=True):
-            part = slice(start, start + len(index))
-            start += len(index)
-            qb, kb, vb = (block(x[0, part], index, len(rows), width).transpose(1, 2) for x in (q, k, v))
-            keys = torch.cat([cache.keys[i][prompts], kb.to(cache.keys[i].dtype)], dim=-2)
-            values = torch.cat([cache.values[i][prompts], vb.to(cache.values[i].dtype)], dim=-2)
+        # (split, not sliced, and the prompts' rows gathered by index_select: their backward passes are one
+        # concatenation and an index_add, where slicing and indexing fill and scatter a full-size gradient each)
+        outs, sizes = [], [len(index) for index in local]
+        pieces = zip(*(x.view(x.shape[1:]).split(sizes) for x in (q, k, v)), strict=True)
+        for (rows, width), index, mask, prompts, qkv in zip(buckets, local, masks, prompt_rows, pieces, strict=True):
+            qb, kb, vb = (block(x, index, len(rows), width).transpose(1, 2) for x in qkv)
+            keys = torch.cat([cache.keys[i].index_select(0, prompts), kb.to(cache.keys[i].dtype)], dim=-2)
+            values = torch.cat([cache.values[i].index_select(0, prompts), vb.to(cache.values[i].dtype)], dim=-2)
             out = _attention(function, attn, qb, keys, values, mask)  # [rows, width, heads, d]
             outs.append(out.reshape(len(rows) * width, -1).index_select(0, index))
         return (torch.cat(outs) if len(outs) > 1 else outs[0])[None]
 
-    logits = lm.lm_head(_layer_stack(lm, parts[0], hidden, cos, sin, attend))[0]  # [M, V]
+    logits = lm.lm_head(_layer_stack(lm, _rolled_rope, hidden, cos, signed_sin(sin), attend))[0]  # [M, V]
     padded = logits.new_zeros((N * steps, logits.shape[-1])).index_copy(0, at_all, logits).unflatten(0, (N, steps))
     return torch.cat([first, padded.to(first.dtype)], dim=1)
 
@@ -753,6 +754,13 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: fl
     return torch.matmul(weights, v).reshape(B, 1, -1)
 
 
+def _rolled_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """These families' `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)` given `signed_sin(sin)`: the same values
+    bit for bit, in 4 ops per tensor instead of 7, and a backward without the slices' full-size zero gradients."""
+    cos, sin, half = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim), q.shape[-1] // 2
+    return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
+
+
 def signed_sin(sin: Tensor) -> Tensor:
     """sin with its first half negated, so that rotate_half(x) * sin = x.roll(d / 2, -1) * signed_sin(sin), exactly:
     rotate_half(x) = cat(-x[d/2:], x[:d/2]) is the roll with the first half's sign flipped, and a sign flip is
@@ -885,7 +893,7 @@ def _layer_stack(lm: Any, rope: Any, hidden: Tensor, cos: Tensor, sin: Tensor, a
     """The decoder layers and final norm of a Llama / Qwen2 / Qwen3 causal LM over `hidden` [B, L, H], written as
     their forward writes them; `attend(i, attention module, q, k, v)` (post-rotary, token-major [B, L, heads, d])
     returns layer i's attention output [B, L, heads * d], so that callers choose the keys, values and masks.
-    `rope` is the model's rotary function (`_layerwise_parts`)."""
+    `rope` is the model's rotary function (`_layerwise_parts`), or `_rolled_rope` with `sin` given as `signed_sin`'s."""
     B, L = hidden.shape[:2]
     for i, layer in enumerate(lm.model.layers):
         attn = layer.self_attn
