@@ -754,11 +754,16 @@ def _decode_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: fl
     return torch.matmul(weights, v).reshape(B, 1, -1)
 
 
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotary embedding x * cos + rotate_half(x) * sin of these families, given `signed_sin(sin)` (broadcast to
+    x): exactly the same values, in 4 ops instead of 7, and a backward without the slices' full-size zero gradients."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
 def _rolled_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
-    """These families' `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)` given `signed_sin(sin)`: the same values
-    bit for bit, in 4 ops per tensor instead of 7, and a backward without the slices' full-size zero gradients."""
-    cos, sin, half = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim), q.shape[-1] // 2
-    return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
+    """These families' `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)` given `signed_sin(sin)` (`_rotate`)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def signed_sin(sin: Tensor) -> Tensor:
@@ -848,7 +853,7 @@ class _LeanStack:
                 qk = torch.cat([q, F.rms_norm(qkv[:, nq : nq + nk].view(M, -1, d), (d,), *norms[3])], dim=1)
             else:
                 qk = qkv[:, : nq + nk].view(M, -1, d)
-            qk = qk * cos + qk.roll(d // 2, -1) * sin  # [M, q heads + kv heads, d]: rotary, `signed_sin`
+            qk = _rotate(qk, cos, sin)  # [M, q heads + kv heads, d]
             out = attend(i, w["scaling"], qk[:, : nq // d], qk[:, nq // d :], qkv[:, nq + nk :].view(M, -1, d))
             x = x + _linear(out, w["o"], w["o_bias"])
             h = _linear(F.rms_norm(x, (x.shape[-1],), *norms[1]), w["gate_up"], w["gate_up_bias"])
