@@ -15,10 +15,11 @@ import torch
 from reasonrl.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+# no GPU: accelerate's torchrun launcher falls back to gloo on the CPU
 LAUNCH_2 = [
     "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
     "--mixed_precision", "no", "--dynamo_backend", "no",
-]  # fmt: skip  (no GPU: accelerate's torchrun launcher falls back to gloo on the CPU)
+]  # fmt: skip
 
 
 def _env() -> dict[str, str]:

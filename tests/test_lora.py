@@ -15,10 +15,11 @@ from reasonrl.warmstart import cache_root
 
 
 def _run(tiny_overrides: list[str], *extra: str) -> Path:
+    # a dense reward: the untrained tiny model gets gradients
     args = [
         *tiny_overrides, "lora.enabled=true", "lora.r=4", "train.save_every=1", "train.run_name=lora",
         "rewards.functions=[math_answer, 'conftest:length_reward']", "rewards.weights=[1, 1]", *extra,
-    ]  # fmt: skip  (a dense reward: the untrained tiny model gets gradients)
+    ]  # fmt: skip
     assert main(["train", *args]) == 0
     return Path(next(a.split("=", 1)[1] for a in tiny_overrides if a.startswith("train.output_dir="))) / "lora"
 

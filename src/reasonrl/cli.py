@@ -283,10 +283,11 @@ def _launch(args: argparse.Namespace) -> int:
     if shutil.which("accelerate") is None:
         raise UserError("--num-processes needs the `accelerate` command (pip install accelerate)")
     rest = _without_option(args.argv[args.argv.index("train") + 1 :], "--num-processes")
+    # mixed precision comes from train.mixed_precision
     cmd = [
         "accelerate", "launch", "--multi_gpu", "--num_processes", str(args.num_processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "reasonrl", "train", *rest,
-    ]  # fmt: skip  (mixed precision comes from train.mixed_precision)
+    ]  # fmt: skip
     return subprocess.call(cmd)
 
 

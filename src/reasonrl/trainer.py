@@ -502,9 +502,15 @@ class Trainer:
                 entries = procs.gather(
                     [
                         PoolEntry(
-                            r.problem.id, r.problem.prompt, c.text, float(w), step_no, r.mode, len(c.prompt_ids),
+                            r.problem.id,
+                            r.problem.prompt,
+                            c.text,
+                            float(w),
+                            step_no,
+                            r.mode,
+                            len(c.prompt_ids),
                             len(c.token_ids),
-                        )  # fmt: skip
+                        )
                         for r, c, w in scored
                     ]
                 )
@@ -517,8 +523,13 @@ class Trainer:
             with timer.stage("logging"):
                 records = procs.gather(
                     [
-                        {"problem_id": r.problem.id, "mode": r.mode, "prompt": r.text, "completion": c.text,
-                         "reward": w}  # fmt: skip
+                        {
+                            "problem_id": r.problem.id,
+                            "mode": r.mode,
+                            "prompt": r.text,
+                            "completion": c.text,
+                            "reward": w,
+                        }
                         for r, c, w in scored
                     ]
                 )
