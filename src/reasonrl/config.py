@@ -76,6 +76,12 @@ class WarmstartConfig:
     steps: int = _opt(400, "SFT optimiser steps (0 = no warm-start)", ge=0)
     batch_size: int = _opt(64, "SFT batch size", ge=1)
     lr: float = _opt(3e-3, "SFT learning rate", gt=0)
+    micro_tokens: int = _opt(
+        2048,
+        "padded tokens per SFT forward/backward: a batch's rows sorted by length and cut into micro-batches of at "
+        "most this many (the same gradient up to float rounding; 0 = the whole batch in one pass)",
+        ge=0,
+    )
     cache_dir: str | None = _opt(None, "default: $REASONRL_CACHE or ~/.cache/reasonrl")
     feedback_share: float = _opt(
         0.25,

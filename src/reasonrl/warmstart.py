@@ -150,6 +150,18 @@ def example_batches(cfg: Config, problems: list[Problem]) -> Iterator[list[Examp
     return batches()
 
 
+def length_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """The rows of `lengths`, shortest first, cut into groups whose padded size (rows x longest row) is at most
+    `budget` tokens; a row longer than `budget` is a group of its own."""
+    groups: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and (len(groups[-1]) + 1) * lengths[r] <= budget:  # ascending: row r is the group's longest
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 def supervised_finetune(
     model: Any,
     tokenizer: Any,
@@ -172,7 +184,12 @@ def train_on(
     cfg: Config,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> None:
-    """The SFT loop over given batches (separate from drawing them, so a test can feed a known stream)."""
+    """The SFT loop over given batches (separate from drawing them, so a test can feed a known stream).
+
+    The loss is the mean next-token loss over a batch's completion tokens. With `warmstart.micro_tokens` > 0 the
+    batch runs as micro-batches of rows of similar length (`length_groups`), each adding its summed loss over the
+    batch's token count to the gradient: the same gradient up to float rounding, without padding every row to the
+    longest one (a lesson-format prompt is about four times a plain example's length)."""
     ws = cfg.warmstart
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
@@ -184,21 +201,29 @@ def train_on(
             (prompt_ids(tokenizer, e.prompt), tokenizer(e.completion, add_special_tokens=False)["input_ids"] + [eos])
             for e in batch
         ]
-        width = max(len(a) + len(b) for a, b in pairs)
-        ids = torch.full((len(pairs), width), pad)
-        labels = torch.full((len(pairs), width), -100)
-        for r, (prompt, completion) in enumerate(pairs):
-            n = len(prompt) + len(completion)
-            ids[r, :n] = torch.tensor(prompt + completion)
-            labels[r, len(prompt) : n] = torch.tensor(completion)
-        loss = model(
-            input_ids=ids.to(device), attention_mask=(ids != pad).long().to(device), labels=labels.to(device)
-        ).loss
+        lengths = [len(a) + len(b) for a, b in pairs]
+        groups = length_groups(lengths, ws.micro_tokens) if ws.micro_tokens else [list(range(len(pairs)))]
+        # one pass: the model's mean; micro-batches: each one's sum over the whole batch's completion tokens
+        count = {"num_items_in_batch": sum(len(b) for _, b in pairs)} if len(groups) > 1 else {}
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for rows in groups:
+            width = max(lengths[r] for r in rows)
+            ids = torch.full((len(rows), width), pad)
+            labels = torch.full((len(rows), width), -100)
+            for i, r in enumerate(rows):
+                prompt, completion = pairs[r]
+                ids[i, : lengths[r]] = torch.tensor(prompt + completion)
+                labels[i, len(prompt) : lengths[r]] = torch.tensor(completion)
+            loss = model(
+                input_ids=ids.to(device), attention_mask=(ids != pad).long().to(device), labels=labels.to(device),
+                **count,
+            ).loss  # fmt: skip
+            loss.backward()
+            total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step + 1, ws.steps, loss.item())
+            progress(step + 1, ws.steps, total)
     model.eval()
