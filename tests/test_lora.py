@@ -89,8 +89,8 @@ def test_a_lora_run_with_kl_uses_the_adapter_free_model_as_reference(tiny_overri
 
 @pytest.mark.slow
 def test_lora_improves_the_embedded_default(tmp_path):
-    """The embedded demo with LoRA adapters (the base frozen): greedy eval accuracy rises. About 2.5 minutes on 2
-    cores, most of it the default warm-start (a weaker one, 250 steps, is a base RL cannot improve at all)."""
+    """The embedded demo with LoRA adapters (the base frozen): greedy eval accuracy rises. About 4 minutes on 2
+    vCPUs, most of it the default warm-start (a weaker one, 250 steps, is a base RL cannot improve at all)."""
     args = [
         "lora.enabled=true", "train.lr=3e-4", "train.steps=30", "train.save_every=0", "train.sample_every=0",
         "train.tensorboard=false", f"train.output_dir={tmp_path}", "train.run_name=lora",
@@ -100,4 +100,5 @@ def test_lora_improves_the_embedded_default(tmp_path):
     lines = (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()
     evals = [json.loads(x) for x in lines if "eval/accuracy" in x]
     before, after = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
-    assert after >= before + 0.3, (before, after)  # measured: 32.0 % → 89.0 %
+    # measured: 32.0 % → 82.0 % (AMD EPYC; 89.0 % on Intel with the one-pass warm-start)
+    assert after >= before + 0.3, (before, after)
