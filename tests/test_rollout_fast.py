@@ -267,7 +267,7 @@ def test_attention_buckets_cover_the_rows_with_the_least_padded_work():
     assert rollout.attention_buckets(torch.zeros(3, dtype=torch.long), 5) == []
 
 
-def test_shared_prompt_pass_of_one_token_completions(policy):
+def test_shared_prompt_pass_of_one_token_completions(policy, monkeypatch):
     """Completions of one token each leave nothing to run behind the prompts: the first column is the prompt pass's
     prediction, the rest zeros."""
     model, tok, prompts = policy
@@ -278,6 +278,12 @@ def test_shared_prompt_pass_of_one_token_completions(policy):
         full = completion_logits(model, ids, real, which, targets)
     assert logits.shape == full.shape
     assert torch.allclose(logits[:, 0], full[:, 0]) and not logits[:, 1].any()
+    with torch.no_grad():  # one column of targets: only the prompts run, and predict it as the generic path does
+        one = completion_logits(model, ids, real, which, targets[:, :1])
+        monkeypatch.setattr(rollout, "fast_forward_supported", lambda model: False)
+        generic = completion_logits(model, ids, real, which, targets[:, :1])
+    assert one.shape == generic.shape == (2, 1, logits.shape[-1])
+    assert (one - generic).abs().max() < 1e-5
 
 
 def test_make_engine_and_the_trainers_default(tiny_config, tmp_path):

@@ -493,11 +493,11 @@ def completion_logits(
     [U, W] / `prompt_mask`). Logits past a row's length are zeros (fast path) or padding's (generic path).
 
     Fast path: each distinct prompt runs once; its keys and values are shared by its completions, which run behind
-    them (the last completion token is only a target and is not run). For Llama / Qwen2 / Qwen3 the completions'
-    tokens run padding-free through the model's own layers (`_layer_stack`): projections, norms and MLPs see only
-    real tokens, and only attention works on padded blocks, one per group of rows of similar length
-    (`attention_buckets`). The logits equal those of running every prompt + completion as one sequence, up to float
-    rounding. Generic path: exactly that, prompts left-padded in front of their completions."""
+    them (the last completion token is only a target and is not run). For Llama / Qwen2 / Qwen3 the prompts' and
+    completions' tokens run together, padding-free, through the model's own layers (`_layer_stack`): projections,
+    norms and MLPs see only real tokens, in one pass, and only attention works on padded blocks: the prompts', then
+    one per group of completion rows of similar length (`attention_buckets`). The logits equal those of running
+    every prompt + completion as one sequence, up to float rounding. Generic path: exactly that, prompts left-padded in front of their completions."""
     N, T = completions.shape
     bare = _bare(model)  # `model` may be a data-parallel wrapper: it runs the passes, the bare model describes them
     # (HF gradient checkpointing turns the shared-prefix cache off while training: then run whole sequences)
@@ -511,16 +511,16 @@ def completion_logits(
             logits_to_keep=T + 1,
         )
         return out.logits[:, :-1]
-    cache = _SharedPrefix()
-    first = _prefill(model, prompt_ids, prompt_mask, cache)[which][:, None]  # predicts completion token 0
-    if T == 1:
-        return first
     W, steps, device = prompt_ids.shape[1], T - 1, completions.device
     causal = torch.ones((steps, steps), dtype=torch.bool, device=device).tril()
     positions = prompt_mask.sum(-1)[which][:, None] + torch.arange(steps, device=device)
     lm = _causal_lm(bare)
     parts = _layerwise_parts(lm)
-    if parts is None:  # same layout, through the model's forward (padded)
+    if parts is None:  # the same layout through the model's forward: a prompt pass, then the completions (padded)
+        cache = _SharedPrefix()
+        first = _prefill(model, prompt_ids, prompt_mask, cache)[which][:, None]  # predicts completion token 0
+        if T == 1:
+            return first
         cache.which = which
         allowed = torch.cat([prompt_mask[which][:, None, :].expand(N, steps, W), causal[None].expand(N, steps, steps)],
                             -1)  # fmt: skip
@@ -532,15 +532,26 @@ def completion_logits(
             use_cache=True,
         )
         return torch.cat([first, out.logits], dim=1)
+    U = prompt_ids.shape[0]
     lengths = torch.full((N,), T, device=device) if lengths is None else lengths.clamp(max=T)
-    # Attention works on padded blocks, one per bucket of rows of similar length (`attention_buckets`), so that one
-    # long completion does not pad every row's block; the tokens run bucket by bucket. `at_all` [M]: each run token's
+    # One pass over the prompts' and completions' tokens together: projections, norms and MLPs see each real token
+    # once, in one row (no padding, and no second pass with its own ~2,000 ops under autograd). Attention works on
+    # padded blocks: the prompts' [U, W] block, causal behind left padding, then one block per bucket of completion
+    # rows of similar length (`attention_buckets`), each behind its rows' prompt keys and values, so that one long
+    # completion does not pad every row's block. `p_index`: each run prompt token's place in the [U, W] block (the
+    # real ones, and every last column, which predicts completion token 0); `at_all`: each run completion token's
     # place in the [N, steps] block; `local[b]`: bucket b's tokens in its own [rows, width] block.
+    dtype = next(model.parameters()).dtype
+    on_cpu = device.type == "cpu"
+    run_prompt = prompt_mask.clone()
+    run_prompt[:, -1] = True
+    p_index = run_prompt.flatten().nonzero().squeeze(1)
+    eye = torch.eye(W, dtype=torch.bool, device=device)
+    p_allowed = (torch.ones((W, W), dtype=torch.bool, device=device).tril()[None] & prompt_mask[:, None, :]) | eye
+    p_mask = _additive(p_allowed[:, None], dtype) if on_cpu else _mask(model, p_allowed[:, None])  # a padding query
+    p_positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # sees only itself: its output stays finite
     runs = (lengths - 1).clamp(min=0)  # tokens run per row (the last one is only a target)
     buckets = attention_buckets(runs, W)
-    if not buckets:  # every completion is one token: nothing to run behind the prompts
-        return torch.cat([first, first.new_zeros((N, steps, first.shape[-1]))], dim=1)
-    dtype = next(model.parameters()).dtype
     local, at, masks, prompt_rows = [], [], [], []
     for rows, width in buckets:
         real = torch.arange(width, device=device)[None] < runs[rows, None]
@@ -549,36 +560,48 @@ def completion_logits(
         prompt_rows.append(which[rows])
         causal_b = causal[:width, :width][None].expand(len(rows), width, width)
         allowed = torch.cat([prompt_mask[prompt_rows[-1]][:, None, :].expand(len(rows), width, W), causal_b], -1)
-        masks.append(_additive(allowed[:, None], dtype) if device.type == "cpu" else _mask(model, allowed[:, None]))
-    at_all = torch.cat(at)
+        masks.append(_additive(allowed[:, None], dtype) if on_cpu else _mask(model, allowed[:, None]))
+    at_all = torch.cat(at) if at else torch.zeros(0, dtype=torch.long, device=device)
     # On a CPU the blocks go through the model's eager attention (two matmuls and a float32 softmax): at these block
     # sizes the fused sdpa kernel's forward and backward cost 1.7x as much (docs/benchmarks.md); same values to float
     # rounding. Elsewhere, the attention the model is configured with.
-    function = parts[2] if device.type == "cpu" else parts[1]
-    hidden = lm.model.embed_tokens(completions[:, :-1].flatten()[at_all])[None]  # [1, M, H]: real tokens in a row
-    cos, sin = lm.model.rotary_emb(hidden, positions.flatten()[at_all][None])
+    function = parts[2] if on_cpu else parts[1]
+    ids = torch.cat([prompt_ids.flatten()[p_index], completions[:, :-1].flatten()[at_all]])
+    hidden = lm.model.embed_tokens(ids)[None]  # [1, Mp + M, H]: the run tokens in a row
+    cos, sin = lm.model.rotary_emb(
+        hidden, torch.cat([p_positions.flatten()[p_index], positions.flatten()[at_all]])[None]
+    )
 
     def block(x: Tensor, index: Tensor, rows: int, width: int) -> Tensor:  # [m, ...] -> [rows, width, ...], zeros
         return x.new_zeros((rows * width, *x.shape[1:])).index_copy(0, index, x).unflatten(0, (rows, width))
 
     def attend(i: int, attn: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        # bucket by bucket: its tokens' q, k, v as a padded block [rows, heads, width, d] behind its rows' prompt
-        # keys / values, and back to the tokens
+        # block by block: its tokens' q, k, v as a padded block [rows, heads, width, d], and back to the tokens
         # (split, not sliced, and the prompts' rows gathered by index_select: their backward passes are one
         # concatenation and an index_add, where slicing and indexing fill and scatter a full-size gradient each)
-        outs, sizes = [], [len(index) for index in local]
-        pieces = zip(*(x.view(x.shape[1:]).split(sizes) for x in (q, k, v)), strict=True)
-        for (rows, width), index, mask, prompts, qkv in zip(buckets, local, masks, prompt_rows, pieces, strict=True):
+        v = v.to(k.dtype)  # under CPU autocast, rotary embeddings leave keys in float32 beside bfloat16 values
+        sizes = [len(p_index)] + [len(index) for index in local]
+        pieces = list(zip(*(x.view(x.shape[1:]).split(sizes) for x in (q, k, v)), strict=True))
+        qp, kp, vp = (block(x, p_index, U, W).transpose(1, 2) for x in pieces[0])
+        out = _attention(function, attn, qp, kp, vp, p_mask)  # [U, W, heads, d]
+        outs = [out.reshape(U * W, -1).index_select(0, p_index)]
+        for (rows, width), index, mask, prompts, qkv in zip(
+            buckets, local, masks, prompt_rows, pieces[1:], strict=True
+        ):
             qb, kb, vb = (block(x, index, len(rows), width).transpose(1, 2) for x in qkv)
-            keys = torch.cat([cache.keys[i].index_select(0, prompts), kb.to(cache.keys[i].dtype)], dim=-2)
-            values = torch.cat([cache.values[i].index_select(0, prompts), vb.to(cache.values[i].dtype)], dim=-2)
+            keys = torch.cat([kp.index_select(0, prompts), kb], dim=-2)
+            values = torch.cat([vp.index_select(0, prompts), vb], dim=-2)
             out = _attention(function, attn, qb, keys, values, mask)  # [rows, width, heads, d]
             outs.append(out.reshape(len(rows) * width, -1).index_select(0, index))
         return (torch.cat(outs) if len(outs) > 1 else outs[0])[None]
 
-    logits = lm.lm_head(_layer_stack(lm, _rolled_rope, hidden, cos, signed_sin(sin), attend))[0]  # [M, V]
-    padded = logits.new_zeros((N * steps, logits.shape[-1])).index_copy(0, at_all, logits).unflatten(0, (N, steps))
-    return torch.cat([first, padded.to(first.dtype)], dim=1)
+    final = _layer_stack(lm, _rolled_rope, hidden, cos, signed_sin(sin), attend)[0]  # [Mp + M, H]
+    last = run_prompt.sum(-1).cumsum(0) - 1  # each prompt's last column among the run prompt tokens
+    keep = torch.cat([last, len(p_index) + torch.arange(len(at_all), device=device)])
+    logits = lm.lm_head(final.index_select(0, keep))  # [U + M, V]
+    first = logits[:U][which][:, None]  # predicts completion token 0
+    padded = logits.new_zeros((N * steps, logits.shape[-1])).index_copy(0, at_all, logits[U:]).unflatten(0, (N, steps))
+    return torch.cat([first, padded], dim=1)
 
 
 # Fixed cost of one more attention block, in units of the work a block grows by (one row x one query x one key):
