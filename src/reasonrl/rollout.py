@@ -497,7 +497,8 @@ def completion_logits(
     completions' tokens run together, padding-free, through the model's own layers (`_layer_stack`): projections,
     norms and MLPs see only real tokens, in one pass, and only attention works on padded blocks: the prompts', then
     one per group of completion rows of similar length (`attention_buckets`). The logits equal those of running
-    every prompt + completion as one sequence, up to float rounding. Generic path: exactly that, prompts left-padded in front of their completions."""
+    every prompt + completion as one sequence, up to float rounding. Generic path: exactly that, prompts left-padded
+    in front of their completions."""
     N, T = completions.shape
     bare = _bare(model)  # `model` may be a data-parallel wrapper: it runs the passes, the bare model describes them
     # (HF gradient checkpointing turns the shared-prefix cache off while training: then run whole sequences)
