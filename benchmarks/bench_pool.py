@@ -1,4 +1,4 @@
-"""LANPO experience pool at scale: insert throughput and query latencies of `reasonrl.pool.ExperiencePool`.
+"""LANPO experience pool at scale: insert throughput and query latencies of `reasonrl.lanpo.pool.ExperiencePool`.
 
 Fills a pool in a temporary directory with `--entries` synthetic rollouts over `--problems` synthetic problems
 (arithmetic "Q: a+b" style and templated word problems, 1 in 20 a near-duplicate of the one before), in batches of
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from reasonrl.pool import ExperiencePool, PoolEntry, idf, term_counts
+from reasonrl.lanpo.pool import ExperiencePool, PoolEntry, idf, term_counts
 
 NAMES = ["Tom", "Ann", "Luis", "Mei", "Omar", "Sara", "Ivan", "Zoe", "Kofi", "Lena"]
 ITEMS = ["apples", "pencils", "marbles", "stamps", "coins", "books", "cookies", "cards"]

@@ -189,9 +189,9 @@ class LivePeak:
 def prompt_order(seed: int, num_prompts: int) -> list[tuple[str, str]]:
     """(prompt, answer) in the order reasonrl's `ProblemStream` takes the built-in train split: TRL (with its dataset
     shuffle off) gets the same prompts at every step as reasonrl."""
-    from reasonrl import arithmetic
     from reasonrl.config import load_config
-    from reasonrl.trainer import ProblemStream
+    from reasonrl.data.stream import ProblemStream
+    from reasonrl.demo import arithmetic
 
     cfg = load_config(base={"train": {"seed": seed}})
     problems = arithmetic.load_task(cfg.task, "train")
@@ -200,9 +200,9 @@ def prompt_order(seed: int, num_prompts: int) -> list[tuple[str, str]]:
 
 def prepare(warmstart_steps: int, seed: int, model_dir: Path) -> None:
     """Save the (warm-started) tiny model and tokenizer to `model_dir`."""
-    from reasonrl import arithmetic
     from reasonrl.config import load_config
-    from reasonrl.warmstart import tiny_policy
+    from reasonrl.demo import arithmetic
+    from reasonrl.demo.warmstart import tiny_policy
 
     cfg = load_config(base={"warmstart": {"steps": warmstart_steps}, "train": {"seed": seed}})
     problems = arithmetic.load_task(cfg.task, "train")
@@ -217,14 +217,14 @@ def prepare(warmstart_steps: int, seed: int, model_dir: Path) -> None:
 def load_tokenizer(model_dir: Path) -> Any:
     """The saved character tokenizer as reasonrl loads it. (`AutoTokenizer` would map the qwen2 model type to
     Qwen2's own tokenizer class, which drops the saved pre-tokenizer's spaces and newlines: other prompts.)"""
-    from reasonrl.models import _load_tokenizer
+    from reasonrl.model.loading import _load_tokenizer
 
     return _load_tokenizer(str(model_dir), trust_remote_code=False)
 
 
 def check_same_prompt_ids(model_dir: Path, prompts: list[tuple[str, str]]) -> None:
     """The TRL side must feed the model the very token ids reasonrl feeds it."""
-    from reasonrl.prompts import prompt_ids
+    from reasonrl.data.prompts import prompt_ids
 
     tok = load_tokenizer(model_dir)
     for text, _ in prompts:
@@ -241,7 +241,7 @@ def check_same_prompt_ids(model_dir: Path, prompts: list[tuple[str, str]]) -> No
 def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS | None = None) -> Result:
     """Build a reasonrl Trainer on the saved model; time `Trainer.train_step()` calls directly."""
     from reasonrl.config import load_config
-    from reasonrl.trainer import Trainer
+    from reasonrl.train.trainer import Trainer
 
     cfg = load_config(
         base={
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         a.workers,
     )
     torch.set_num_threads(w.threads)
-    from reasonrl.workers import keep_freed_memory
+    from reasonrl.rollout.cpu.workers import keep_freed_memory
 
     malloc = "glibc keeps freed memory" if a.malloc == "keep" and keep_freed_memory() else "default malloc"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

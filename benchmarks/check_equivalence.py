@@ -59,7 +59,7 @@ CHILD = r"""
 import json, sys, tempfile, torch
 from pathlib import Path
 from reasonrl.config import load_config
-from reasonrl.trainer import Trainer
+from reasonrl.train.trainer import Trainer
 
 def main():
     out, steps, threads, overrides = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]

@@ -86,7 +86,9 @@ def sync(device: torch.device) -> None:
 
 def generation_compute(trainer: Any, completions: list[Any]) -> float:
     """Seconds of the model forwards the fast engine ran in its last `generate` call, replayed alone."""
-    from reasonrl.rollout import _BufferedDecoder, fast_forward_supported, pad_prompts
+    from reasonrl.model.forward import pad_prompts
+    from reasonrl.model.layers import fast_forward_supported
+    from reasonrl.rollout.cpu.decode import _BufferedDecoder
 
     engine, model = trainer.engine, trainer.model
     if not fast_forward_supported(model) or not getattr(engine, "trace", None):
@@ -130,7 +132,7 @@ def generation_compute(trainer: Any, completions: list[Any]) -> float:
 
 def logprob_compute(trainer: Any, passes: list[tuple[Any, bool]]) -> float:
     """Seconds of the model's forward (and backward, for autograd passes) over the step's log-prob passes."""
-    from reasonrl.rollout import completion_logits
+    from reasonrl.model.forward import completion_logits
 
     model, device = trainer.model, trainer.device
     model.train()
@@ -151,9 +153,10 @@ def logprob_compute(trainer: Any, passes: list[tuple[Any, bool]]) -> float:
 
 
 def profile(args: argparse.Namespace) -> None:
-    from reasonrl import trainer as trainer_module
     from reasonrl.config import load_config
-    from reasonrl.models import count_parameters
+    from reasonrl.model.loading import count_parameters
+    from reasonrl.train import trainer as trainer_module_trainer
+    from reasonrl.train import update as trainer_module_update
 
     overrides = [
         "train.tensorboard=false",
@@ -169,17 +172,17 @@ def profile(args: argparse.Namespace) -> None:
     overrides += args.overrides
     with tempfile.TemporaryDirectory(prefix="profile-step-") as tmp:
         cfg = load_config(None, [*overrides, f"train.output_dir={tmp}"])
-        trainer = trainer_module.Trainer(cfg, Path(tmp) / "run")
+        trainer = trainer_module_trainer.Trainer(cfg, Path(tmp) / "run")
         if args.threads:
             torch.set_num_threads(args.threads)
         passes: list[tuple[Any, bool]] = []
-        real_token_logprobs = trainer_module.token_logprobs
+        real_token_logprobs = trainer_module_update.token_logprobs
 
         def recording(model: Any, mb: Any, temperature: float, with_entropy: bool = False, chunk: int = 0) -> Any:
             passes.append((mb, torch.is_grad_enabled()))
             return real_token_logprobs(model, mb, temperature, with_entropy, chunk)
 
-        trainer_module.token_logprobs = recording
+        trainer_module_update.token_logprobs = recording
         rows = []
         try:
             r = cfg.rollout
@@ -224,7 +227,7 @@ def profile(args: argparse.Namespace) -> None:
                     flush=True,
                 )
         finally:
-            trainer_module.token_logprobs = real_token_logprobs
+            trainer_module_update.token_logprobs = real_token_logprobs
             trainer.close()
 
     med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in rows[0]}
@@ -264,8 +267,8 @@ def main() -> None:
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep", help="glibc keeps freed memory")
     ap.add_argument("overrides", nargs="*", help="more dotted config overrides")
     args = ap.parse_args()
-    if args.malloc == "keep":  # as the CLI does (reasonrl.workers.keep_freed_memory)
-        from reasonrl.workers import keep_freed_memory
+    if args.malloc == "keep":  # as the CLI does (reasonrl.rollout.cpu.workers.keep_freed_memory)
+        from reasonrl.rollout.cpu.workers import keep_freed_memory
 
         keep_freed_memory()
     if args.threads:

@@ -61,8 +61,8 @@ def length_reward(prompts: list[str], completions: list[str], **columns) -> list
 
 def untrained_run(tmp_path: Path, overrides: list[str]) -> Path:
     """A run directory as `reasonrl train` leaves it, without training: config.yaml and an untrained model/."""
-    from reasonrl import arithmetic
-    from reasonrl.models import build_tiny_model
+    from reasonrl.demo import arithmetic
+    from reasonrl.demo.tiny_model import build_tiny_model
 
     cfg = load_config(None, overrides)
     run = tmp_path / "run"

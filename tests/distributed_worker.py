@@ -13,8 +13,9 @@ import torch
 
 from reasonrl import algorithms
 from reasonrl.config import load_config
-from reasonrl.rollout import SamplingParams
-from reasonrl.trainer import Trainer, make_micro_batches
+from reasonrl.rollout.base import SamplingParams
+from reasonrl.train.batch import make_micro_batches
+from reasonrl.train.trainer import Trainer
 
 
 def main(out: str, run_dir: str, *overrides: str) -> None:

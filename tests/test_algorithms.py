@@ -10,7 +10,7 @@ import torch
 
 from reasonrl import algorithms
 from reasonrl.algorithms import aggregate_loss, clipped_surrogate, compute_advantages, kl_k3
-from reasonrl.errors import UserError
+from reasonrl.config import load_config
 
 
 def random_layout(rng: random.Random) -> tuple[list[float], list[int]]:
@@ -93,14 +93,22 @@ def test_equal_rewards_give_zero_advantage(name, opts):
 
 
 def test_unknown_estimator_suggests_closest():
-    with pytest.raises(UserError, match="did you mean 'grpo'"):
+    with pytest.raises(ValueError, match="did you mean 'grpo'"):
         compute_advantages("gpro", torch.zeros(2), torch.zeros(2))
 
 
-def test_advantage_options_filters_by_signature():
-    ctx = {"scale_rewards": "none", "eps": 0.1, "seq_scores": None}
-    assert algorithms.advantage_options("grpo", ctx) == {"scale_rewards": "none", "eps": 0.1}
-    assert algorithms.advantage_options("rloo", ctx) == {}
+def test_advantage_options_read_from_the_config():
+    cfg = load_config(None, ["algorithm.scale_rewards=none", "algorithm.adv_eps=0.1", "algorithm.lampo.tau=3"])
+    a = cfg.algorithm
+    assert algorithms.advantage_options("grpo", a) == algorithms.GRPOOptions(scale_rewards="none", eps=0.1)
+    assert algorithms.advantage_options("rloo", a) == algorithms.NoOptions()
+    assert algorithms.advantage_options("lampo", a) == algorithms.LamPOOptions(tau=3.0)
+
+
+def test_unknown_keyword_is_refused():
+    """An option the estimator does not take is an error, not silently ignored."""
+    with pytest.raises(ValueError, match="tau"):
+        compute_advantages("grpo", torch.zeros(2), torch.zeros(2), tau=2.0)
 
 
 def naive_surrogate(logp, old, adv, mask, lo, hi, level):

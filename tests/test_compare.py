@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from reasonrl.cli import main
-from reasonrl.compare import parse_variant, split_overrides
 from reasonrl.errors import UserError
+from reasonrl.tools.compare import parse_variant, split_overrides
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

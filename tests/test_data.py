@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import user_error as expect_user_error
 
-from reasonrl.data import DEFAULT_COLUMNS, Problem, load_problems, write_jsonl
+from reasonrl.data.problems import DEFAULT_COLUMNS, Problem, load_problems, write_jsonl
 from reasonrl.errors import UserError
 
 ROWS: list[dict[str, Any]] = [

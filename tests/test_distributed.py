@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reasonrl.checkpoint import latest_checkpoint
+from reasonrl.train.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # no GPU: accelerate's torchrun launcher falls back to gloo on the CPU
@@ -65,9 +65,9 @@ def test_two_processes_take_the_same_step_as_one(tiny_overrides, tmp_path, loss_
 
 
 def _initial_params(overrides: list[str]) -> dict[str, torch.Tensor]:
-    from reasonrl import arithmetic
     from reasonrl.config import load_config
-    from reasonrl.models import build_tiny_model
+    from reasonrl.demo import arithmetic
+    from reasonrl.demo.tiny_model import build_tiny_model
 
     cfg = load_config(None, overrides)
     tok = arithmetic.build_tokenizer()
@@ -129,7 +129,7 @@ def test_sharded_launches_are_refused_with_one_line(tiny_overrides, kind, monkey
 
 
 def test_two_process_lanpo_writes_one_pool_from_process_zero(tiny_overrides, tmp_path):
-    from reasonrl.pool import ExperiencePool
+    from reasonrl.lanpo.pool import ExperiencePool
 
     run = tmp_path / "runs" / "lanpo"
     args = [

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from reasonrl.arithmetic import build_tokenizer
+from reasonrl.data.prompts import prompt_ids
+from reasonrl.demo.arithmetic import build_tokenizer
 from reasonrl.evaluate import pass_at_k
-from reasonrl.prompts import prompt_ids
 
 
 @pytest.mark.parametrize("n,c,k", [(n, c, k) for n in range(1, 7) for c in range(n + 1) for k in range(1, n + 1)])
@@ -76,9 +76,10 @@ def test_train_from_a_local_pretrained_directory(tiny_overrides, tmp_path):
 
 def test_saved_tiny_model_reloads_with_its_character_tokenizer(tmp_path):
     # transformers maps model type qwen2 to its own tokenizer class, which would drop spaces and newlines
-    from reasonrl import arithmetic
     from reasonrl.config import ModelConfig
-    from reasonrl.models import build_tiny_model, load_pretrained
+    from reasonrl.demo import arithmetic
+    from reasonrl.demo.tiny_model import build_tiny_model
+    from reasonrl.model.loading import load_pretrained
 
     tok = arithmetic.build_tokenizer()
     cfg = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)

@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import untrained_run
 
-from reasonrl import arithmetic
 from reasonrl import evaluate as evaluate_module
 from reasonrl.cli import main
+from reasonrl.demo import arithmetic
 from reasonrl.evaluate import evaluate
-from reasonrl.feedback import ARITHMETIC, GENERIC
-from reasonrl.rewards import Rewards
-from reasonrl.rollout import Completion
+from reasonrl.lanpo.feedback import ARITHMETIC, GENERIC
+from reasonrl.rewards.stage import Rewards
+from reasonrl.rollout.base import Completion
 
 PROBLEMS = [arithmetic.make_problem(a, b, f"p{i}") for i, (a, b) in enumerate([(12, 34), (57, 68), (205, 99), (7, 8)])]
 FIRST = ["1+3=4\n\\boxed{44}", "7+8=15\n5+6=11\n\\boxed{115}", "I give up", "\\boxed{15}"]  # only the last is right

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reasonrl.algorithms import advantage_options, compute_advantages, lampo_advantage
+from reasonrl.algorithms import LamPOOptions, advantage_options, compute_advantages, lampo_advantage
+from reasonrl.config import load_config
 
 WEIGHTS = ["confidence", "preference", "lambdarank"]
 NORMALIZE = ["weights", "pairs", "none"]
@@ -92,8 +93,8 @@ def test_defaults_and_option_plumbing() -> None:
     expected = naive_lampo(rewards, ids, scores, 1.0, "confidence", "weights")
     got = compute_advantages("lampo", torch.tensor(rewards), torch.tensor(ids), seq_scores=torch.tensor(scores))
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
-    available = {"seq_scores": 1, "tau": 2.0, "weight": "preference", "normalize": "pairs", "scale_rewards": "group"}
-    assert advantage_options("lampo", available) == {k: v for k, v in available.items() if k != "scale_rewards"}
+    cfg = load_config(None, ["algorithm.lampo.tau=2", "algorithm.lampo.weight=preference", "algorithm.lampo.normalize=pairs"])
+    assert advantage_options("lampo", cfg.algorithm) == LamPOOptions(tau=2.0, weight="preference", normalize="pairs")
 
 
 group_sizes = st.integers(min_value=1, max_value=24)
@@ -250,7 +251,7 @@ def test_invalid_options(options, match) -> None:
 
 
 def test_seq_scores_required() -> None:
-    with pytest.raises(TypeError, match="seq_scores"):
+    with pytest.raises(ValueError, match="seq_scores"):
         compute_advantages("lampo", torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from reasonrl.logprobs import selected_logprobs
+from reasonrl.model.logprobs import selected_logprobs
 
 
 def naive(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

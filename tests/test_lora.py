@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from reasonrl.cli import main
-from reasonrl.warmstart import cache_root
+from reasonrl.demo.warmstart import cache_root
 
 
 def _run(tiny_overrides: list[str], *extra: str) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reasonrl.config import load_config
-from reasonrl.trainer import Trainer, _lr_lambda
+from reasonrl.train.trainer import Trainer, _lr_lambda
 
 DENSE = ["rewards.functions=[math_answer, 'conftest:length_reward']", "rewards.weights=[1, 1]"]
 
@@ -139,7 +139,7 @@ def test_lampo_option_trains(tiny_overrides, tmp_path, option):
 
 
 def test_lampo_seq_scores_are_behaviour_logprob_means_or_sums(tiny_overrides, tmp_path):
-    from reasonrl.rollout import Completion
+    from reasonrl.rollout.base import Completion
 
     comps = [Completion([1], [5, 6, 7], [-1.0, -2.0, -3.0], False, "x"), Completion([1], [5], [-0.5], False, "y")]
     for score, expected in (("mean", [-2.0, -0.5]), ("sum", [-6.0, -0.5])):

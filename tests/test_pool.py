@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reasonrl.pool import MODES, ExperiencePool, PoolEntry, tokenize
+from reasonrl.lanpo.pool import MODES, ExperiencePool, PoolEntry, tokenize
 
 WORDS = ["apples", "pears", "tom", "ann", "buys", "sells", "how", "many", "left", "total", "and", "or", "the", "sum"]
 

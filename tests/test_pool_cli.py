@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from reasonrl.cli import main
-from reasonrl.pool import ExperiencePool, PoolEntry
+from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
 
 
 @pytest.fixture

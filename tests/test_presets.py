@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import untrained_run, user_error
 
-from reasonrl import arithmetic
 from reasonrl import evaluate as evaluate_module
-from reasonrl.benchmarks import (
+from reasonrl.cli import main
+from reasonrl.data.presets import (
     CHOICE_INSTRUCTION,
     INSTRUCTION,
     PRESETS,
@@ -28,11 +28,11 @@ from reasonrl.benchmarks import (
     parse_data_spec,
     parse_data_specs,
 )
-from reasonrl.cli import main
-from reasonrl.data import Problem
+from reasonrl.data.problems import Problem
+from reasonrl.demo import arithmetic
 from reasonrl.evaluate import _equivalence_table, evaluate, majority_vote, normalize_answer, pass_at_k
-from reasonrl.rewards import Rewards
-from reasonrl.rollout import Completion
+from reasonrl.rewards.stage import Rewards
+from reasonrl.rollout.base import Completion
 
 # ------------------------------------------------------------------------------------------ fixture layouts
 
@@ -452,7 +452,7 @@ def test_eval_command_metrics_per_dataset(tiny_overrides, tmp_path, monkeypatch,
             return "".join(map(chr, ids))
 
     monkeypatch.setattr(evaluate_module, "make_engine", lambda name, *a, **k: Engine(*a, **k))
-    monkeypatch.setattr("reasonrl.models.load_pretrained", lambda *a, **k: (None, Tok()))
+    monkeypatch.setattr("reasonrl.model.loading.load_pretrained", lambda *a, **k: (None, Tok()))
     run = untrained_run(tmp_path, [*tiny_overrides, "eval.num_problems=1"])
     gsm, aime = write(tmp_path / "g.jsonl", GSM8K), write(tmp_path / "a.parquet", AIME25)
     assert (

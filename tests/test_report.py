@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from reasonrl.errors import UserError
-from reasonrl.report import build_report
+from reasonrl.tools.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"progress_vs_step", "progress_vs_seconds", "progress_vs_tokens", "dynamics", "stages", "lanpo_modes"}

@@ -13,14 +13,8 @@ from pathlib import Path
 import pytest
 
 from reasonrl.errors import UserError
-from reasonrl.rewards import (
-    REWARD_FUNCTIONS,
-    MathVerifier,
-    Rewards,
-    VerifyResult,
-    extract_answer,
-    load_reward_function,
-)
+from reasonrl.rewards.math import MathVerifier, VerifyResult, extract_answer
+from reasonrl.rewards.stage import REWARD_FUNCTIONS, Rewards, load_reward_function
 
 # Found by probing math-verify 0.9: sympy evaluates the power tower while comparing it with the gold, which runs for
 # well over 30 s (confirmed both in the main thread with timeouts disabled and in a thread, where the GIL is held so

@@ -15,21 +15,22 @@ import pytest
 import torch
 from conftest import TINY
 
-from reasonrl import rollout
 from reasonrl.config import load_config
+from reasonrl.data.prompts import prompt_ids
+from reasonrl.data.sources import load_training_data
 from reasonrl.errors import UserError
-from reasonrl.models import load_policy
-from reasonrl.prompts import prompt_ids
-from reasonrl.rollout import (
-    FastEngine,
-    HFEngine,
-    SamplingParams,
-    _filter,
-    completion_logits,
-    make_engine,
-    pad_prompts,
-)
-from reasonrl.trainer import Trainer, load_training_data, make_micro_batches, token_logprobs
+from reasonrl.model import layers as rollout_layers
+from reasonrl.model import shared_prefix as rollout_shared_prefix
+from reasonrl.model.forward import completion_logits, pad_prompts
+from reasonrl.model.loading import load_policy
+from reasonrl.rollout.base import SamplingParams, make_engine
+from reasonrl.rollout.cpu import decode as rollout_decode
+from reasonrl.rollout.cpu import engine as rollout_engine
+from reasonrl.rollout.cpu.engine import FastEngine, _filter
+from reasonrl.rollout.hf import HFEngine
+from reasonrl.train.batch import make_micro_batches
+from reasonrl.train.trainer import Trainer
+from reasonrl.train.update import token_logprobs
 
 TEXTS = ["Q: 7+5\n", "Q: 648+500\n", "Q: 12+345\n", "Q: 1+1\n", "Q: 99+999\n"]  # left padding: lengths 7 to 11
 
@@ -194,7 +195,7 @@ def test_generic_path_and_eager_attention_give_the_same_samples(policy, monkeypa
     _same(_both(HFEngine(model, tok), FastEngine(model, tok), prompts, 2, sampling)[1], reference)
 
 
-@pytest.mark.parametrize("overhead", [rollout.BUCKET_OVERHEAD, 0.0])
+@pytest.mark.parametrize("overhead", [rollout_shared_prefix.BUCKET_OVERHEAD, 0.0])
 def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, monkeypatch, overhead):
     """`completion_logits` (each prompt once, its completions behind its cached keys and values) against the generic
     path (every prompt + completion as one sequence): logits and parameter gradients agree, with the default
@@ -211,7 +212,7 @@ def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, 
     lengths = torch.tensor([len(c.token_ids) for c in comps])
     assert len(set(lengths.tolist())) > 1  # the padding-free pass has padding to leave out
     if overhead == 0:
-        assert len(rollout.attention_buckets(lengths - 1, ids.shape[1])) > 1
+        assert len(rollout_shared_prefix.attention_buckets(lengths - 1, ids.shape[1])) > 1
     model.train()
     results = []
     for fast in (True, False):
@@ -254,17 +255,17 @@ def test_attention_buckets_cover_the_rows_with_the_least_padded_work():
         runs = torch.randint(0, 30, (n,), generator=gen)
         if trial % 5 == 0:
             runs[0] = 63  # one long completion among short ones
-        buckets = rollout.attention_buckets(runs, width, max_buckets)
+        buckets = rollout_shared_prefix.attention_buckets(runs, width, max_buckets)
         rows = sorted(r for b, _ in buckets for r in b.tolist())
         assert rows == [i for i in range(n) if runs[i] > 0]
         assert len(buckets) <= max_buckets
         for b, w in buckets:
             assert w == int(runs[b].max())
-        cost = sum(len(b) * w * (width + w) + rollout.BUCKET_OVERHEAD for b, w in buckets)
+        cost = sum(len(b) * w * (width + w) + rollout_shared_prefix.BUCKET_OVERHEAD for b, w in buckets)
         if buckets:
-            expected = _naive_bucket_cost(runs.tolist(), width, max_buckets, rollout.BUCKET_OVERHEAD)
+            expected = _naive_bucket_cost(runs.tolist(), width, max_buckets, rollout_shared_prefix.BUCKET_OVERHEAD)
             assert cost == pytest.approx(expected)
-    assert rollout.attention_buckets(torch.zeros(3, dtype=torch.long), 5) == []
+    assert rollout_shared_prefix.attention_buckets(torch.zeros(3, dtype=torch.long), 5) == []
 
 
 def test_shared_prompt_pass_of_one_token_completions(policy, monkeypatch):
@@ -303,7 +304,7 @@ def test_a_training_step_is_the_same_with_either_engine(tiny_overrides, tmp_path
     rounding."""
     results = []
     for engine in ("hf", "fast"):
-        overrides = [f"rollout.engine={engine}", "rewards.functions=[format]", "rewards.weights=null"]
+        overrides = [f"rollout_base.engine={engine}", "rewards.functions=[format]", "rewards.weights=null"]
         cfg = load_config(None, [*tiny_overrides, *overrides])
         trainer = Trainer(cfg, tmp_path / engine)
         try:
@@ -329,7 +330,7 @@ def test_other_decoder_families_with_grouped_query_attention(family, monkeypatch
     decode and the shared-prompt pass give HF's samples and the plain pass's logits."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    from reasonrl import arithmetic
+    from reasonrl.demo import arithmetic
 
     tok = arithmetic.build_tokenizer()
     shape = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
@@ -340,7 +341,7 @@ def test_other_decoder_families_with_grouped_query_attention(family, monkeypatch
         model = LlamaForCausalLM(LlamaConfig(**shape, **ids, **heads))
     else:
         model = Qwen3ForCausalLM(Qwen3Config(**shape, **ids, **heads, head_dim=8))
-    assert rollout.fast_forward_supported(model) and rollout._layerwise_parts(model) is not None
+    assert rollout_layers.fast_forward_supported(model) and rollout_layers._layerwise_parts(model) is not None
     prompts = [prompt_ids(tok, t) for t in TEXTS]
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     a, b, _ = _both(HFEngine(model, tok), FastEngine(model, tok), prompts, 1, greedy)
@@ -361,7 +362,7 @@ def test_other_decoder_families_with_grouped_query_attention(family, monkeypatch
         assert torch.allclose(fast[r, :n], plain[r, :n], rtol=1e-5, atol=1e-5)
 
 
-# ---- rollout.workers: one chunk sampled by several processes ---------------------------------------------------
+# ---- rollout_base.workers: one chunk sampled by several processes ---------------------------------------------------
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -451,7 +452,7 @@ def test_worker_count(policy, monkeypatch):
         assert FastEngine(model, tok, workers=1).workers_pool() is None
         monkeypatch.setattr(rollout, "shared_memory_shortfall", lambda model: "no room")
         assert FastEngine(model, tok, workers=0).workers_pool() is None  # auto: this process alone
-        with pytest.raises(UserError, match="rollout.workers=2: no room; set rollout.workers=1"):
+        with pytest.raises(UserError, match="rollout_base.workers=2: no room; set rollout_base.workers=1"):
             FastEngine(model, tok, workers=2).workers_pool()
         monkeypatch.setattr(rollout, "fork_available", lambda: False)
         assert FastEngine(model, tok, workers=2).workers_pool() is None
@@ -467,7 +468,7 @@ def test_decode_attention_equals_a_naive_loop():
     allowed = torch.rand(B, 1, 1, L) > 0.3
     allowed[..., -1] = True  # the new token itself
     bias = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    out = rollout._decode_attention(q, k, v, bias, d**-0.5)
+    out = rollout_decode._decode_attention(q, k, v, bias, d**-0.5)
     assert out.shape == (B, 1, heads * d)
     for b in range(B):
         for h in range(heads):
@@ -492,7 +493,7 @@ def test_rolled_rope_is_the_families_rotary_embedding_bit_for_bit(family):
     q, k = torch.randn(M, heads, d, requires_grad=True), torch.randn(M, 2, d, requires_grad=True)
     cos, sin = torch.randn(M, d), torch.randn(M, d)
     theirs = apply(q, k, cos, sin, unsqueeze_dim=1)
-    ours = rollout._rolled_rope(q, k, cos, rollout.signed_sin(sin), unsqueeze_dim=1)
+    ours = rollout_layers._rolled_rope(q, k, cos, rollout_layers.signed_sin(sin), unsqueeze_dim=1)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
     for x, out in zip((q, k), ours, strict=True):
@@ -511,7 +512,7 @@ def test_shared_memory_shortfall(monkeypatch, tmp_path):
     import shutil
     from collections import namedtuple
 
-    from reasonrl.workers import shared_memory_shortfall
+    from reasonrl.rollout.cpu.workers import shared_memory_shortfall
 
     model = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB of float32
     usage = namedtuple("usage", "total used free")
@@ -531,13 +532,13 @@ def test_exponential_noise_is_torchs_values_and_rng_use():
         expected = torch.empty(shape).exponential_()
         state = torch.get_rng_state()
         torch.manual_seed(seed)
-        noise = rollout._exponential_noise(shape, torch.float32, torch.device("cpu"))
+        noise = rollout_engine._exponential_noise(shape, torch.float32, torch.device("cpu"))
         assert noise.dtype == torch.float32 and torch.equal(noise, expected)
         assert torch.equal(torch.get_rng_state(), state)
         rows = torch.tensor([0, shape[0] - 1])  # a share's live rows: only those are transformed, all are drawn
         for pick in (rows, slice(1, shape[0])):
             torch.manual_seed(seed)
-            assert torch.equal(rollout._exponential_noise(shape, torch.float32, torch.device("cpu"), pick),
+            assert torch.equal(rollout_engine._exponential_noise(shape, torch.float32, torch.device("cpu"), pick),
                                expected[pick])  # fmt: skip
             assert torch.equal(torch.get_rng_state(), state)
 
@@ -546,7 +547,7 @@ def test_lean_decode_step_only_for_plain_layers(policy):
     """The CPU decode step (`_LeanStack`) concatenates the projections' weights, so it must not run on layers that do
     more than their weight (LoRA, quantised): those keep the module-by-module step."""
     model = policy[0]
-    assert rollout._LeanStack.build(model) is not None
+    assert rollout_decode._LeanStack.build(model) is not None
 
     class Wrapped(torch.nn.Linear):  # any subclass, e.g. an adapter layer, may add to its forward
         pass
@@ -556,7 +557,7 @@ def test_lean_decode_step_only_for_plain_layers(policy):
     wrapped = Wrapped(plain.in_features, plain.out_features, bias=plain.bias is not None)
     try:
         attn.v_proj = wrapped
-        assert rollout._LeanStack.build(model) is None
+        assert rollout_decode._LeanStack.build(model) is None
     finally:
         attn.v_proj = plain
 
@@ -572,7 +573,7 @@ def test_the_cache_goes_by_the_keyword_the_model_takes(policy):
     class New:
         def forward(self, input_ids=None, cache=None, use_cache=None): ...
 
-    assert rollout._cache_keyword(Old) == "past_key_values" and rollout._cache_keyword(New) == "cache"
+    assert rollout_layers._cache_keyword(Old) == "past_key_values" and rollout_layers._cache_keyword(New) == "cache"
     model, tok, prompts = policy
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)

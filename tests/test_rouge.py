@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from reasonrl.rewards import Rewards, _rouge_tokens_fast, load_reward_function, rouge_l_f1, rouge_tokenize
+from reasonrl.rewards.rouge import _rouge_tokens_fast, rouge_l_f1, rouge_tokenize
+from reasonrl.rewards.stage import Rewards, load_reward_function
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 rouge_tokenize_ref = pytest.importorskip("rouge_score.tokenize")

@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from reasonrl.config import load_config
-from reasonrl.prompts import prompt_ids
-from reasonrl.trainer import Trainer, make_micro_batches, token_logprobs
+from reasonrl.data.prompts import prompt_ids
+from reasonrl.train.batch import make_micro_batches
+from reasonrl.train.trainer import Trainer
+from reasonrl.train.update import token_logprobs
 
 SPEC_METRICS = {
     "reward/mean",

@@ -11,10 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reasonrl import algorithms, rollout
+from reasonrl import algorithms
 from reasonrl.config import load_config
-from reasonrl.rollout import SamplingParams
-from reasonrl.trainer import Trainer, make_micro_batches
+from reasonrl.model import forward as rollout_forward
+from reasonrl.rollout.base import SamplingParams
+from reasonrl.train.batch import make_micro_batches
+from reasonrl.train.trainer import Trainer
 
 
 def _reference(trainer: Trainer, comps, advantages, loss_mask, ref_model, monkeypatch):
@@ -28,7 +30,7 @@ def _reference(trainer: Trainer, comps, advantages, loss_mask, ref_model, monkey
     model.zero_grad(set_to_none=True)
 
     def logprobs(m):
-        logits = rollout.completion_logits(m, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets).float() / temp
+        logits = rollout_forward.completion_logits(m, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets).float() / temp
         logp_all = torch.log_softmax(logits, -1)
         return logp_all.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1), logp_all
 
@@ -72,7 +74,7 @@ def _reference(trainer: Trainer, comps, advantages, loss_mask, ref_model, monkey
     ],
 )
 def test_update_equals_the_plain_reference(tiny_overrides, tmp_path, engine, options, monkeypatch):
-    cfg = load_config(None, [*tiny_overrides, f"rollout.engine={engine}", "algorithm.loss_agg=token-mean", *options])
+    cfg = load_config(None, [*tiny_overrides, f"rollout_base.engine={engine}", "algorithm.loss_agg=token-mean", *options])
     trainer = Trainer(cfg, tmp_path / "run")
     try:
         tok = trainer.tokenizer

@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from reasonrl import arithmetic, warmstart
 from reasonrl.config import load_config
-from reasonrl.models import build_tiny_model
-from reasonrl.prompts import prompt_ids
+from reasonrl.data.prompts import prompt_ids
+from reasonrl.demo import arithmetic, warmstart
+from reasonrl.demo.tiny_model import build_tiny_model
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -9,11 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
-from reasonrl import arithmetic, warmstart
 from reasonrl.config import load_config
+from reasonrl.demo import arithmetic, warmstart
+from reasonrl.demo.tiny_model import build_tiny_model
 from reasonrl.errors import UserError
-from reasonrl.models import build_tiny_model
-from reasonrl.rewards import extract_answer
+from reasonrl.rewards.math import extract_answer
 
 
 def _problems(cfg):

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "or an adapter directory (a checkpoint)")  # fmt: skip
     exp.add_argument("--out", required=True, metavar="DIR", help="directory for the merged model and tokenizer")
 
-    from reasonrl import compare
+    from reasonrl.tools import compare
 
     cmp = sub.add_parser(
         "compare",
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _quiet_libraries()
     if args.command in ("train", "eval", "compare"):
-        from reasonrl.workers import keep_freed_memory
+        from reasonrl.rollout.cpu.workers import keep_freed_memory
 
         keep_freed_memory()  # CPU tensors reuse freed pages instead of faulting in fresh ones every step
     try:
@@ -199,8 +199,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from reasonrl.config import load_config
-    from reasonrl.distributed import rank_from_env, world_size_from_env
-    from reasonrl.trainer import finished_state, new_run_dir, resume_config, reward_spec, run_training
+    from reasonrl.rewards.stage import reward_spec
+    from reasonrl.train.distributed import rank_from_env, world_size_from_env
+    from reasonrl.train.run import finished_state, new_run_dir, resume_config, run_training
 
     console = _console()
     if rank_from_env() > 0:  # multi-process launch: process 0 speaks for the run
@@ -306,7 +307,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 def _print_feedback_summary(console: Any, run_dir: Path, eval_after: dict[str, float]) -> None:
     """SPEC §5: per-mode training accuracy and what the language feedback cost, over the whole run."""
-    from reasonrl.metrics import feedback_summary, read_metrics
+    from reasonrl.train.metrics import feedback_summary, read_metrics
 
     s = feedback_summary(read_metrics(run_dir))
     modes = ", ".join(
@@ -332,12 +333,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """One block (or JSON line) per --data dataset: greedy accuracy, mean@k, pass@k, maj@k, feedback_accuracy."""
     import json
 
-    from reasonrl.benchmarks import EvalSet, load_eval_set, parse_data_specs
     from reasonrl.config import load_config
+    from reasonrl.data.presets import EvalSet, load_eval_set, parse_data_specs
+    from reasonrl.data.sources import load_training_data
     from reasonrl.evaluate import evaluate
-    from reasonrl.models import load_pretrained, resolve_device, resolve_dtype
-    from reasonrl.rewards import Rewards
-    from reasonrl.trainer import load_training_data
+    from reasonrl.model.loading import load_pretrained, resolve_device, resolve_dtype
+    from reasonrl.rewards.stage import Rewards
 
     run_cfg = Path(args.model, "config.yaml") if args.model else None
     base = load_config(run_cfg).to_dict() if run_cfg is not None and run_cfg.exists() else None
@@ -373,7 +374,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sets = [EvalSet(cfg.data.eval_source or cfg.data.source, problems[: cfg.eval.num_problems], builtin)]
     reflect = [None] * len(sets)
     if args.feedback:
-        from reasonrl.feedback import templates_for
+        from reasonrl.lanpo.feedback import templates_for
 
         reflect = [templates_for(cfg.algorithm.lanpo, builtin_task=s.builtin).reflect for s in sets]
     results = []
@@ -415,7 +416,7 @@ def cmd_pool(args: argparse.Namespace) -> int:
         raise UserError(f"{args.run_dir} has no experience pool: was it trained with algorithm.lanpo.enabled=true?")
     if args.n < 0:
         raise UserError(f"-n must be >= 0, got {args.n}")
-    from reasonrl.pool import ExperiencePool
+    from reasonrl.lanpo.pool import ExperiencePool
 
     try:
         pool = ExperiencePool(path)
@@ -473,7 +474,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from reasonrl.config import ModelConfig, load_config
-    from reasonrl.models import merged_lora_model
+    from reasonrl.model.loading import merged_lora_model
 
     src = Path(args.source)
     adapters = Path(_model_path(str(src), None)) if (src / "config.yaml").exists() else src
@@ -491,7 +492,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Plan and validate every configuration first (a typo fails at once, naming its label), then run."""
-    from reasonrl.compare import make_plan, run_compare
+    from reasonrl.tools.compare import make_plan, run_compare
 
     # `--seeds 0 1 grpo=...` makes argparse hand the labels to --seeds: the integers are the seeds, the rest labels
     seeds = [int(s) for s in args.seeds if s.lstrip("-").isdigit()]
@@ -511,7 +512,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write report.html and its figures; warnings (skipped runs) go to stderr, the report's path to stdout."""
-    from reasonrl.report import build_report
+    from reasonrl.tools.report import build_report
 
     path = build_report(args.dirs, args.out, args.target)
     print(f"report: {path}")
@@ -539,11 +540,11 @@ def _eval_only(cfg: Any) -> Any:
 
 def _model_path(model: str | None, cfg: Any) -> Path | str:
     """A run directory's final model (or latest checkpoint); the tiny warm-start; or a path / hub name as given."""
-    from reasonrl.checkpoint import latest_checkpoint
+    from reasonrl.train.checkpoint import latest_checkpoint
 
     if model is None:
-        from reasonrl.trainer import load_training_data
-        from reasonrl.warmstart import cache_root, warmstart_key
+        from reasonrl.data.sources import load_training_data
+        from reasonrl.demo.warmstart import cache_root, warmstart_key
 
         path = cache_root(cfg) / warmstart_key(cfg, load_training_data(cfg)[0])
         if not path.exists():

@@ -229,6 +229,12 @@ class TrainConfig:
     logprob_chunk: int = _opt(
         0, "tokens per chunk of the memory-efficient log-prob kernel (no float32 copy of all logits); 0 = plain", ge=0
     )
+    forward: Literal["auto", "generic", "shared_prefix"] = _opt(
+        "auto",
+        "log-prob pass of the loss: generic (the model's own forward) | shared_prefix (hand-written Llama/Qwen pass, "
+        "each prompt once; CPU speed path) | auto (shared_prefix on a CPU for the families it is tested on, else "
+        "generic)",
+    )
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     ref_offload: bool = _opt(False, "keep the reference model (beta > 0) on the CPU between its passes")
 

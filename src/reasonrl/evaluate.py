@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from reasonrl.data import Problem
-from reasonrl.feedback import reflect_prompt
-from reasonrl.prompts import prompt_ids
-from reasonrl.rewards import Rewards, extract_answer
-from reasonrl.rollout import SamplingParams, make_engine
+from reasonrl.data.problems import Problem
+from reasonrl.data.prompts import prompt_ids
+from reasonrl.lanpo.feedback import reflect_prompt
+from reasonrl.rewards.math import extract_answer
+from reasonrl.rewards.stage import Rewards
+from reasonrl.rollout.base import SamplingParams, make_engine
 
 __all__ = ["evaluate", "majority_vote", "normalize_answer", "pass_at_k"]
 

@@ -19,11 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reasonrl.data import Problem
+from reasonrl.data.problems import Problem
 from reasonrl.errors import UserError
-from reasonrl.pool import ExperiencePool
-
-MODES = ("scratch", "reflect", "abstract")
+from reasonrl.lanpo.pool import MODES, ExperiencePool
 
 
 @dataclass(frozen=True)
@@ -113,8 +111,13 @@ def lesson_prompt(trajectories: Sequence[tuple[str, str, float]], templates: Tem
     return templates.lesson.format(trajectories=body)
 
 
+def scratch_plans(problems: list[Problem], group_size: int) -> list[PromptPlan]:
+    """Every rollout of every group under the plain prompt (no LANPO, or an empty pool)."""
+    return [PromptPlan(p, "scratch", p.prompt) for p in problems for _ in range(group_size)]
+
+
 @dataclass
-class Rollout:
+class PromptPlan:
     """One rollout's prompt: its mode, the text the policy sees, and the context's size in tokens."""
 
     problem: Problem
@@ -159,35 +162,35 @@ class FeedbackBuilder:
         self.new_lessons = {}
         return out
 
-    def build(self, problems: list[Problem], group_size: int, step: int) -> tuple[list[Rollout], FeedbackStats]:
+    def build(self, problems: list[Problem], group_size: int, step: int) -> tuple[list[PromptPlan], FeedbackStats]:
         """Prompts of every rollout, problem-major (group i is [i*G, (i+1)*G)); `step` is the step being sampled."""
         counts = mode_counts(self.cfg.mix, group_size)
         stats = FeedbackStats()
         lessons = self._lessons(problems, stats, step) if counts["abstract"] else {}
         budget = self.cfg.max_context_tokens
-        out: list[Rollout] = []
+        out: list[PromptPlan] = []
         for p in problems:
             attempts = (
                 self.pool.earlier_attempts(p.id, before_step=step, limit=counts["reflect"]) if counts["reflect"] else []
             )
             for _ in range(counts["scratch"]):
-                out.append(Rollout(p, "scratch", p.prompt))
+                out.append(PromptPlan(p, "scratch", p.prompt))
             for k in range(counts["reflect"]):
                 if not attempts:
                     stats.fallbacks["reflect"] += 1
-                    out.append(Rollout(p, "scratch", p.prompt))
+                    out.append(PromptPlan(p, "scratch", p.prompt))
                     continue
                 attempt = self.truncate(attempts[k % len(attempts)], budget)
                 text = reflect_prompt(p.prompt, attempt, self.templates.reflect)
-                out.append(Rollout(p, "reflect", text, self.count_tokens(attempt)))
+                out.append(PromptPlan(p, "reflect", text, self.count_tokens(attempt)))
             for _ in range(counts["abstract"]):
                 lesson = lessons.get(p.id)
                 if not lesson:
                     stats.fallbacks["abstract"] += 1
-                    out.append(Rollout(p, "scratch", p.prompt))
+                    out.append(PromptPlan(p, "scratch", p.prompt))
                     continue
                 lesson = self.truncate(lesson, budget)
-                out.append(Rollout(p, "abstract", abstract_prompt(p.prompt, lesson, self.templates.abstract),
+                out.append(PromptPlan(p, "abstract", abstract_prompt(p.prompt, lesson, self.templates.abstract),
                                    self.count_tokens(lesson)))  # fmt: skip
         return out, stats
 

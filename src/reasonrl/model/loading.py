@@ -1,4 +1,4 @@
-"""Policy loading: any Hugging Face causal LM by path or hub name, or the built-in tiny model."""
+"""Policy loading: any Hugging Face causal LM by path or hub name, or a registered built-in model (the demo's `tiny`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from reasonrl.config import Config, LoraConfig, ModelConfig
 from reasonrl.errors import UserError
+from reasonrl.model.builtin import BUILTIN_MODELS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,29 +32,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-def build_tiny_model(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int):
-    """A small Qwen2 with random weights (~1M parameters at the defaults): the embedded demo's policy."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    if cfg.hidden_size % cfg.num_heads:
-        raise UserError(f"model.hidden_size ({cfg.hidden_size}) must be divisible by model.num_heads ({cfg.num_heads})")
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        bos_token_id=eos_id,
-        attention_dropout=0.0,
-    )
-    return Qwen2ForCausalLM(config)
 
 
 def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
@@ -167,23 +145,12 @@ def load_policy(
     when `lora.enabled`. `device`: the process's device under a multi-process launch (default: `model.device`)."""
     device = device or resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    if cfg.model.name != "tiny":
+    if cfg.model.name not in BUILTIN_MODELS:
         model, tokenizer = _load_base(cfg, device, dtype)
         if cfg.lora.enabled:
             model = apply_lora(model, cfg.lora, cfg.model.name)
         return model, tokenizer, device
-    from reasonrl.warmstart import tiny_policy
-
-    progress = None
-    if console is not None:
-
-        def progress(step: int, total: int, loss: float) -> None:
-            if step == 1:
-                console.print(f"warm-start: supervised training of the tiny model ({total} steps, cached after)")
-            if step % max(1, total // 5) == 0 or step == total:
-                console.print(f"  warm-start step {step}/{total}  loss {loss:.3f}")
-
-    model, tokenizer, path = tiny_policy(cfg, problems, device, progress)
+    model, tokenizer, path = BUILTIN_MODELS[cfg.model.name](cfg, problems, device, console)
     model = model.to(dtype)
     if cfg.lora.enabled:
         if path is None:

@@ -14,7 +14,7 @@ import random
 import string
 from collections.abc import Callable
 
-from reasonrl.data import Problem
+from reasonrl.data.problems import Problem
 
 # Character-level vocabulary: enough for the task's notation and for plain English instructions.
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>"]

@@ -1,6 +1,6 @@
 """Benchmark presets: GSM8K, MATH-500, AIME24, AIME25, AMC and GPQA-Diamond in their public column layouts.
 
-A preset says how one public dataset's rows become :class:`~reasonrl.data.Problem` s: which Hugging Face dataset,
+A preset says how one public dataset's rows become :class:`~reasonrl.data.problems.Problem` s: which Hugging Face dataset,
 configuration and split hold it (for users who are online), which columns hold the problem, the gold answer, the
 reference solution and the id, how the gold answer is read (GSM8K's ``#### 42`` line, AMC's float answers, GPQA's
 shuffled options) and the prompt template. The same layout reads a local JSONL/Parquet copy, so offline users
@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from reasonrl.data import Problem, RowLayout, cell_id, cell_text, load_problems
+from reasonrl.data.problems import Problem, RowLayout, cell_id, cell_text, load_problems
 from reasonrl.errors import UserError, did_you_mean
 
 __all__ = [
@@ -55,7 +55,7 @@ LETTERS = "ABCD"
 
 @dataclass(frozen=True)
 class Preset(RowLayout):
-    """One benchmark's public layout (a :class:`~reasonrl.data.RowLayout`) and where it lives on the Hub.
+    """One benchmark's public layout (a :class:`~reasonrl.data.problems.RowLayout`) and where it lives on the Hub.
 
     ``answer_format``: ``plain`` (the answer cell as text; integral floats such as AMC's ``142.0`` become ``142``),
     ``gsm8k`` (the answer cell is a worked solution ending in a ``#### 42`` line: the answer is what follows the
@@ -351,9 +351,10 @@ def load_eval_set(
     if template is not None:
         raise UserError(f"--prompt-template applies to benchmark presets only, not to --data {spec.label}")
     assert spec.source is not None
-    if spec.source == "arithmetic":
-        from reasonrl import arithmetic
+    from reasonrl.data.sources import SOURCES
+
+    if spec.source in SOURCES:  # a built-in task's held-out set (the demo registers `arithmetic`)
         from reasonrl.config import TaskConfig
 
-        return EvalSet(spec.label, arithmetic.load_task(task or TaskConfig(), "test")[:limit], builtin=True)
+        return EvalSet(spec.label, SOURCES[spec.source](task or TaskConfig(), "test")[:limit], builtin=True)
     return EvalSet(spec.label, load_problems(spec.source, split=split or "test", columns=columns)[:limit])

@@ -23,14 +23,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from reasonrl import arithmetic
 from reasonrl.config import Config
-from reasonrl.data import Problem
+from reasonrl.data.problems import Problem
+from reasonrl.data.prompts import prompt_ids
+from reasonrl.demo import arithmetic
+from reasonrl.demo.tiny_model import build_tiny_model
 from reasonrl.errors import UserError
-from reasonrl.feedback import FIELDS, Templates, abstract_prompt, lesson_prompt, reflect_prompt, templates_for
-from reasonrl.models import build_tiny_model
-from reasonrl.prompts import prompt_ids
-from reasonrl.rewards import extract_answer
+from reasonrl.lanpo.feedback import FIELDS, Templates, abstract_prompt, lesson_prompt, reflect_prompt, templates_for
+from reasonrl.rewards.math import extract_answer
 
 CACHE_VERSION = 2
 FORMATS = ("reflect", "lesson", "abstract")  # the LANPO formats, chosen uniformly for a feedback example

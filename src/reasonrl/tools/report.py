@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonrl.errors import UserError
+from reasonrl.lanpo.pool import MODES
 
 Warn = Callable[[str], None]
 Record = dict[str, Any]
@@ -41,7 +42,6 @@ STAGE_ORDER = (
 )  # fmt: skip
 # config keys in which seeds of one configuration may differ
 SEED_KEYS = {"train.seed", "train.run_name", "train.output_dir"}
-MODES = ("scratch", "reflect", "abstract")
 # one colour per stage whatever else a run logged, so the same stage looks the same in every report
 STAGE_COLORS = {
     "prompts": "#b279a2", "generation": "#4c78a8", "abstraction": "#ff9da6", "reward": "#72b7b2",
@@ -405,7 +405,7 @@ def summarize(group: Group, target: float) -> dict[str, Any]:
 
 def lanpo_summary(group: Group, warn: Warn = _stderr_warn) -> dict[str, float] | None:
     """`metrics.feedback_summary` of each seed, averaged over seeds (count-like totals too: they are per run)."""
-    from reasonrl.metrics import feedback_summary
+    from reasonrl.train.metrics import feedback_summary
 
     per_run = []
     for run in group.runs:

@@ -1,0 +1,259 @@
+"""The reward stage: turn completions into scalar rewards, and the registry of reward functions.
+
+Reward functions follow TRL's convention: ``fn(prompts, completions, **columns) -> list[float | None]`` where the
+columns are dataset columns (``answer``, ``reference``, ``problem_id``, ...) and ``None`` means "no opinion"."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from reasonrl.errors import UserError, did_you_mean
+from reasonrl.rewards.math import MathAnswerReward, format_reward
+from reasonrl.rewards.rouge import RougeLReward
+
+RewardFunc = Callable[..., list[float | None]]
+
+
+RewardFactory = Callable[..., RewardFunc]
+
+
+REWARD_FUNCTIONS: dict[str, RewardFactory] = {}
+
+
+# ----------------------------------------------------------------------------------------------- built-in rewards
+
+
+def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
+    """Register a reward factory under ``name``; called with ``timeout_s=`` and ``num_workers=`` keywords."""
+
+    def deco(factory: RewardFactory) -> RewardFactory:
+        old = REWARD_FUNCTIONS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (factory.__module__, factory.__qualname__):
+            raise ValueError(f"reward function {name!r} is already registered")
+        REWARD_FUNCTIONS[name] = factory
+        return factory
+
+    return deco
+
+
+@register_reward("math_answer")
+def _math_answer(**settings: Any) -> RewardFunc:
+    return MathAnswerReward(**settings)
+
+
+@register_reward("format")
+def _format(**_: Any) -> RewardFunc:
+    return format_reward
+
+
+@register_reward("rouge_l")
+def _rouge_l(**settings: Any) -> RewardFunc:
+    return RougeLReward(**settings)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_reward_function(name: str, *, timeout_s: float = 5.0, num_workers: int = 2, **settings: Any) -> RewardFunc:
+    """A registered name, or a user function by import path ``package.module:function`` (or ``package.module.fn``).
+
+    ``timeout_s``/``num_workers`` go to built-in factories (verifier settings). Errors are UserErrors because the
+    name comes from the user's config.
+    """
+    if name in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name](timeout_s=timeout_s, num_workers=num_workers, **settings)
+    if ":" in name:
+        module_name, _, attr_path = name.partition(":")
+    elif "." in name:
+        module_name, _, attr_path = name.rpartition(".")
+    else:
+        known = ", ".join(sorted(REWARD_FUNCTIONS))
+        raise UserError(
+            f"unknown reward function '{name}'{did_you_mean(name, REWARD_FUNCTIONS)}; built-ins are "
+            f"{known}, or give an import path 'package.module:function'"
+        )
+    if not module_name or not attr_path:
+        raise UserError(f"reward function '{name}': expected an import path 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # any failure while importing user code is the user's to fix
+        raise UserError(
+            f"reward function '{name}': cannot import module '{module_name}' ({type(e).__name__}: {e})"
+        ) from e
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            public = [a for a in dir(obj) if not a.startswith("_")]
+            raise UserError(
+                f"reward function '{name}': '{module_name}' has no attribute '{attr_path}'{did_you_mean(part, public)}"
+            ) from e
+    if not callable(obj):
+        raise UserError(f"reward function '{name}': {attr_path} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class RewardOutput:
+    """Rewards for one batch of completions."""
+
+    total: list[float]  # weighted sum per completion (None entries skipped; all None -> 0.0)
+    per_function: dict[str, list[float | None]]
+    correct: list[bool] | None  # math_answer score >= 1.0; None when math_answer is not used
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _check_output(name: str, out: Any, n: int) -> list[float | None]:
+    """Validate a reward function's return value; NaN counts as None (TRL stores skipped rewards as NaN)."""
+    if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
+        out = out.tolist()  # numpy arrays / tensors
+    if not isinstance(out, (list, tuple)):
+        raise UserError(f"reward function '{name}' returned {type(out).__name__}, expected a list of floats")
+    if len(out) != n:
+        raise UserError(f"reward function '{name}' returned {len(out)} values for {n} completions")
+    values: list[float | None] = []
+    for i, v in enumerate(out):
+        if v is None:
+            values.append(None)
+            continue
+        if not isinstance(v, numbers.Real):
+            raise UserError(
+                f"reward function '{name}' returned a non-number at index {i}: {type(v).__name__} {v!r:.60}"
+            )
+        f = float(v)
+        if math.isinf(f):
+            raise UserError(f"reward function '{name}' returned {f} at index {i}")
+        values.append(None if math.isnan(f) else f)
+    return values
+
+
+class Rewards:
+    """The reward stage: several reward functions combined with weights.
+
+    Owns the functions it loads (and so the math verifier's workers): call ``close()`` or use ``with``.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        weights: list[float] | None = None,
+        *,
+        timeout_s: float = 5.0,
+        num_workers: int = 2,
+        settings: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """``settings``: extra keyword arguments for built-in factories by name (e.g. ``rouge_l``'s ``tokenize``)."""
+        names = list(names)
+        if not names:
+            raise UserError("rewards: at least one reward function is needed")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise UserError(f"rewards: function listed twice: {', '.join(dupes)}")
+        weights = [1.0] * len(names) if weights is None else list(weights)
+        if len(weights) != len(names):
+            raise UserError(f"rewards: {len(names)} functions but {len(weights)} weights; give one weight each")
+        for n, w in zip(names, weights, strict=True):
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+                raise UserError(f"rewards: weight of '{n}' must be a finite number, got {w!r}")
+        self.names = names
+        self.weights = [float(w) for w in weights]
+        self.functions: dict[str, RewardFunc] = {}
+        try:
+            for n in names:
+                extra = (settings or {}).get(n, {})
+                self.functions[n] = load_reward_function(n, timeout_s=timeout_s, num_workers=num_workers, **extra)
+        except BaseException:
+            self.close()
+            raise
+
+    def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardOutput:
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"rewards: {len(prompts)} prompts but {n} completions")
+        for key, col in columns.items():
+            if len(col) != n:
+                raise ValueError(f"rewards: column '{key}' has {len(col)} rows for {n} completions")
+        per_function: dict[str, list[float | None]] = {}
+        for name, fn in self.functions.items():
+            try:
+                out = fn(list(prompts), list(completions), **columns)
+            except UserError:
+                raise
+            except Exception as e:  # user code: report it as a config-level problem, one line
+                raise UserError(f"reward function '{name}' raised {type(e).__name__}: {e}") from e
+            per_function[name] = _check_output(name, out, n)
+
+        total: list[float] = []
+        skipped = 0
+        for i in range(n):
+            vals = [(w, per_function[f][i]) for f, w in zip(self.names, self.weights, strict=True)]
+            parts = [w * v for w, v in vals if v is not None]
+            skipped += not parts
+            total.append(float(sum(parts)))
+
+        metrics: dict[str, float] = {}
+        # share: this function's part of the total reward mass Σ|w·v|, e.g. how much of R the dense reward is
+        mass = {
+            f: sum(abs(w * v) for v in per_function[f] if v is not None)
+            for f, w in zip(self.names, self.weights, strict=True)
+        }
+        all_mass = sum(mass.values())
+        for name, vals in per_function.items():
+            present = [v for v in vals if v is not None]
+            if present:
+                mean = sum(present) / len(present)
+                metrics[f"reward/{name}/mean"] = mean
+                metrics[f"reward/{name}/std"] = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
+            metrics[f"reward/{name}/share"] = mass[name] / all_mass if all_mass > 0 else 0.0
+        statuses = [r.status for fn in self.functions.values() for r in getattr(fn, "last_results", [])]
+        metrics["reward/verify_timeouts"] = float(statuses.count("timeout"))
+        metrics["reward/unparsable"] = float(statuses.count("unparsable"))
+        metrics["reward/verify_errors"] = float(statuses.count("error"))
+        metrics["reward/skipped"] = float(skipped)
+
+        correct = None
+        if "math_answer" in per_function:
+            correct = [v is not None and v >= 1.0 for v in per_function["math_answer"]]
+        return RewardOutput(total=total, per_function=per_function, correct=correct, metrics=metrics)
+
+    def close(self) -> None:
+        """Stop worker processes owned by the functions (the math verifier's pool)."""
+        for fn in getattr(self, "functions", {}).values():
+            close = getattr(fn, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> Rewards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def reward_spec(cfg: Any) -> tuple[list[str], list[float] | None]:
+    """(functions, weights) of `rewards.*`; LamPO adds the dense ROUGE-L reward with weight λ_sem (SPEC §4)."""
+    names, weights = list(cfg.rewards.functions), cfg.rewards.weights
+    lam = cfg.algorithm.lampo
+    if cfg.algorithm.advantage == "lampo" and lam.lambda_sem > 0 and "rouge_l" not in names:
+        weights = [*(weights or [1.0] * len(names)), lam.lambda_sem]
+        names.append("rouge_l")
+    return names, weights
+
+
+def build_rewards(cfg: Any, tokenizer: Any) -> Rewards:
+    names, weights = reward_spec(cfg)
+    lam = cfg.algorithm.lampo
+    settings = {}
+    if lam.rouge_tokens == "model":
+        settings["rouge_l"] = {"tokenize": lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]}
+    return Rewards(
+        names, weights, timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.num_workers, settings=settings
+    )

@@ -1,0 +1,224 @@
+"""Run logging: per-stage timers, `metrics.jsonl`, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reasonrl.lanpo.pool import MODES
+
+
+class StageTimer:
+    """Wall time per pipeline stage of one step (SPEC §6); synchronises CUDA so GPU work is charged correctly.
+
+    Stages nest: time spent in an inner stage (e.g. LANPO's lesson writing inside prompt building) is charged to
+    the inner stage only, so the stages add up to the step's wall time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._open: list[list[Any]] = []  # [name, start of its current segment] of every open stage, innermost last
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        now = time.perf_counter()
+        if self._open:  # pause the enclosing stage
+            outer = self._open[-1]
+            self.seconds[outer[0]] += now - outer[1]
+        self._open.append([name, now])
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            _, start = self._open.pop()
+            self.seconds[name] += now - start
+            if self._open:  # resume the enclosing stage
+                self._open[-1][1] = now
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def step_metrics(
+    procs: Any,
+    batch: Any,
+    *,
+    trained: list[tuple[int, bool, float]],
+    rewards: list[float],
+    correct: list[bool],
+    modes: list[tuple[str, int]] | None,
+    feedback_stats: list[Any] | None,
+    reward_metrics: list[list[dict[str, float]]],
+    diagnostics: dict[str, float],
+    sampled_tokens: float,
+    pool_size: float | None,
+    lr: float,
+) -> dict[str, float]:
+    """The one builder of a step's metrics (SPEC §6), from the global batch (lists gathered from every process).
+
+    `trained`: (length, truncated, |advantage|) of every trained sequence; `rewards`, `correct`: per trained
+    sequence; `modes`: (mode, context tokens) per trained sequence under LANPO; `reward_metrics`: per process, per
+    sampling round; `sampled_tokens`: every token generated this step, kept or not (rollouts of dropped groups and
+    LANPO's lessons too), so that a token budget charges each method for all the generation it did."""
+    out: dict[str, float] = {"dynamic_sampling/rounds": batch.rounds, "groups": batch.kept_groups}
+    out["tokens/sampled"] = sampled_tokens
+    if feedback_stats is not None and modes is not None:
+        out.update(_feedback_metrics(feedback_stats, modes, rewards, correct))
+    out.update(diagnostics)
+    if not trained:  # no group was kept: nothing was trained
+        return {**out, **_merge_reward_metrics(reward_metrics)}
+    if pool_size is not None:
+        out["lanpo/pool_size"] = pool_size
+    reward_all = torch.tensor(rewards, dtype=torch.float64)
+    lengths = torch.tensor([n for n, _, _ in trained], dtype=torch.float)
+    out.update(
+        {
+            "reward/mean": float(reward_all.mean()),
+            "reward/std": float(reward_all.std()) if len(reward_all) > 1 else 0.0,
+            "accuracy": sum(correct) / len(correct),
+            "zero_std_groups": batch.zero_std_groups,
+            "completion/len_mean": float(lengths.mean()),
+            "completion/len_max": float(lengths.max()),
+            "completion/truncated": sum(t for _, t, _ in trained) / len(trained),
+            "advantage/abs_mean": sum(x for _, _, x in trained) / len(trained),
+            "tokens/generated": sum(n for n, _, _ in trained),
+            **_merge_reward_metrics(reward_metrics),
+            **batch.update_metrics,
+            "lr": lr,
+        }
+    )
+    return out
+
+
+def _feedback_metrics(
+    stats: list[Any], modes: list[tuple[str, int]], rewards: list[float], correct: list[bool]
+) -> dict[str, float]:
+    """SPEC §5/§6 LANPO metrics: per-mode reward and accuracy, fallbacks, context size, retrieval, lessons.
+    `modes`: (mode, context tokens) of every trained rollout, aligned with `rewards` and `correct`."""
+    out: dict[str, float] = {}
+    for mode in MODES:
+        idx = [i for i, (m, _) in enumerate(modes) if m == mode]
+        out[f"lanpo/{mode}/count"] = float(len(idx))
+        if idx:
+            out[f"lanpo/{mode}/reward"] = sum(rewards[i] for i in idx) / len(idx)
+            out[f"lanpo/{mode}/accuracy"] = sum(correct[i] for i in idx) / len(idx)
+    ctx = [n for m, n in modes if m != "scratch"]
+    requests = sum(s.retrieval_requests for s in stats)
+    sims = [x for s in stats for x in s.similarities]
+    out.update(
+        {
+            "lanpo/fallback/reflect": float(sum(s.fallbacks["reflect"] for s in stats)),
+            "lanpo/fallback/abstract": float(sum(s.fallbacks["abstract"] for s in stats)),
+            "lanpo/context_tokens": sum(ctx) / len(ctx) if ctx else 0.0,
+            "lanpo/retrieval_hit_rate": sum(s.retrieval_hits for s in stats) / requests if requests else 0.0,
+            "lanpo/similarity_mean": sum(sims) / len(sims) if sims else 0.0,
+            "lanpo/lessons_generated": float(sum(s.lessons_generated for s in stats)),
+            "lanpo/lessons_cached": float(sum(s.lessons_cached for s in stats)),
+            "tokens/feedback": float(sum(s.lesson_tokens for s in stats)),
+        }
+    )
+    return out
+
+
+_REWARD_COUNTS = ("reward/verify_timeouts", "reward/unparsable", "reward/verify_errors", "reward/skipped")
+
+
+def _merge_reward_metrics(per_process: list[list[dict[str, float]]]) -> dict[str, float]:
+    """Reward-function metrics of every process's dynamic-sampling rounds: counts add up over rounds and processes;
+    means and stds are those of the first round, averaged over processes (their shares differ by one group at most)."""
+    firsts = [rounds[0] for rounds in per_process if rounds]
+    if not firsts:
+        return {}
+    out = {k: sum(f.get(k, 0.0) for f in firsts) / len(firsts) for k in firsts[0] if k not in _REWARD_COUNTS}
+    for k in _REWARD_COUNTS:
+        counts = [r[k] for rounds in per_process for r in rounds if k in r]
+        if counts:
+            out[k] = sum(counts)
+    return out
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    On resume, records after the checkpoint's step are dropped first, so a resumed run's log equals an
+    uninterrupted one.
+    """
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int | None = None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.file = _open_log(self.path, resume_step)
+        self.completions = _open_log(run_dir / "completions.jsonl", resume_step)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                purge = resume_step + 1 if resume_step is not None else None
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """One line per sampled completion (with the prompt it had: LANPO contexts show here)."""
+        self.completions.write("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
+        self.completions.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.completions.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _open_log(path: Path, resume_step: int | None) -> Any:
+    """Open a JSONL log for appending; on resume, first drop the records of steps after the checkpoint."""
+    if resume_step is not None and path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+    return path.open("a")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln]
+
+
+def feedback_summary(records: list[dict[str, Any]]) -> dict[str, float]:
+    """A LANPO run's totals from its step records: per-mode accuracy (count-weighted over steps), fallbacks, and the
+    extra compute feedback cost (lesson tokens, context tokens, time in prompt building, abstraction and pool I/O)."""
+    steps = [r for r in records if "lanpo/scratch/count" in r]
+    out: dict[str, float] = {}
+    for mode in ("scratch", "reflect", "abstract"):
+        n = sum(r[f"lanpo/{mode}/count"] for r in steps)
+        out[f"{mode}/count"] = n
+        if n:
+            out[f"{mode}/accuracy"] = (
+                sum(r.get(f"lanpo/{mode}/accuracy", 0.0) * r[f"lanpo/{mode}/count"] for r in steps) / n
+            )
+    feedback_rollouts = out["reflect/count"] + out["abstract/count"]
+    out["fallbacks"] = sum(r["lanpo/fallback/reflect"] + r["lanpo/fallback/abstract"] for r in steps)
+    out["lesson_tokens"] = sum(r["tokens/feedback"] for r in steps)
+    out["context_tokens"] = sum(r["lanpo/context_tokens"] * (r["lanpo/reflect/count"] + r["lanpo/abstract/count"])
+                                for r in steps)  # fmt: skip
+    out["context_tokens_per_rollout"] = out["context_tokens"] / feedback_rollouts if feedback_rollouts else 0.0
+    out["feedback_seconds"] = sum(r.get(f"time/{k}", 0.0) for r in steps for k in ("prompts", "abstraction", "pool"))
+    out["step_seconds"] = sum(r.get("time/step", 0.0) for r in steps)
+    out["generated_tokens"] = sum(r.get("tokens/generated", 0.0) for r in steps)
+    return out

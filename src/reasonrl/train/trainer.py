@@ -1,0 +1,460 @@
+"""The RL trainer: one step is one call per named stage over one `Batch` (SPEC data flow, DEVELOPERS.md):
+
+    prompts → generate → score → filter → advantages → batching → logprobs → update → sync weights → record
+
+Each stage is timed (`time/<stage>`); the stages add up to `time/step`. Everything a resumed run needs (weights,
+optimiser, scheduler, RNG, data cursor, the LANPO pool) is in the checkpoint, so a killed run resumes exactly.
+
+Under a multi-process launch (`distributed.py`) every process draws the same global batch, rolls out and scores its
+own share of whole groups, and the update is data-parallel; the gathers live inside the stages. Process 0 alone
+evaluates, logs, checkpoints and writes the LANPO pool, from records gathered from every process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reasonrl import algorithms
+from reasonrl.config import Config
+from reasonrl.data.prompts import prompt_ids
+from reasonrl.data.sources import load_training_data
+from reasonrl.data.stream import ProblemStream
+from reasonrl.errors import UserError
+from reasonrl.evaluate import evaluate
+from reasonrl.lanpo.feedback import MODES, FeedbackBuilder, scratch_plans, templates_for
+from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
+from reasonrl.model.forward import resolve_forward
+from reasonrl.model.loading import load_policy
+from reasonrl.rewards.stage import build_rewards
+from reasonrl.rollout import ENGINES, SamplingParams
+from reasonrl.train.batch import Batch, Round, make_micro_batches, strip_contexts
+from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from reasonrl.train.distributed import Processes, runs_on_cpu
+from reasonrl.train.metrics import MetricsLogger, StageTimer, step_metrics
+from reasonrl.train.update import PolicyUpdate
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, console: Any = None) -> None:
+        self.cfg, self.run_dir, self.console = cfg, run_dir, console
+        a, t = cfg.algorithm, cfg.train
+        try:  # fail fast on a typo, before any model work
+            self.advantage_options = algorithms.advantage_options(a.advantage, a)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.procs = procs = Processes(t.mixed_precision, cpu=runs_on_cpu(cfg.model.device))
+        if procs.world > 1 and cfg.model.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"model.device={cfg.model.device} names one device; use auto under a multi-process launch")
+        with procs.accelerator.main_process_first():  # process 0 builds (and caches) the warm-start, then the others
+            self.problems, self.eval_problems = load_training_data(cfg)
+            device = procs.device if procs.world > 1 else None
+            self.model, self.tokenizer, self.device = load_policy(cfg, self.problems, console, device)
+        if t.gradient_checkpointing:
+            _enable_activation_checkpointing(self.model)
+        self.rewards = build_rewards(cfg, self.tokenizer)
+        rollout = cfg.rollout if procs.world == 1 else dataclasses.replace(cfg.rollout, workers=1)  # processes
+        self.engine = ENGINES[cfg.rollout.engine].from_config(self.model, self.tokenizer, rollout)  # share the cores
+        ref_model = None
+        if a.beta > 0 and not cfg.lora.enabled:  # k3 KL against the policy before RL; LoRA: the adapter-free base
+            ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            if t.ref_offload:
+                ref_model.to("cpu")
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # the fused kernel (one per parameter instead of a dozen ops) where torch has it: same update to float rounding
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        # the loss runs through accelerate's DDP wrapper with several processes, else the model itself; generation,
+        # evaluation and checkpoints use the bare `model`, which shares its parameters
+        train_model, optimizer = procs.prepare(self.model, optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(t.lr_schedule, t.warmup_steps, max(1, t.steps * a.num_iterations))
+        )
+        self.updater = PolicyUpdate(
+            cfg, procs, self.model, train_model, optimizer, scheduler, ref_model, self.device,
+            forward=resolve_forward(t.forward, self.model), pad_id=self.tokenizer.pad_token_id,
+        )  # fmt: skip
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.global_step = 0
+        # budget counters (train.max_seconds / max_tokens): sums of time/step and tokens/sampled, checkpointed
+        self.elapsed, self.tokens_total = 0.0, 0
+        self.stream = ProblemStream(self.problems, t.seed)
+        self.sampling = SamplingParams(
+            cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k
+        )
+        if not resume and procs.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.yaml")
+        ckpt = latest_checkpoint(run_dir) if resume else None
+        if resume and ckpt is None:
+            raise UserError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
+        # RL starts from the same RNG state whether or not the warm-start was cached; processes sample differently
+        torch.manual_seed(t.seed + procs.rank)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, optimizer, scheduler, procs.rank, procs.world)
+            self.global_step, self.stream.cursor = state["step"], state["cursor"]
+            self.elapsed, self.tokens_total = state.get("elapsed_seconds", 0.0), state.get("tokens_total", 0)
+        self.pool, self.feedback = None, None
+        if a.lanpo.enabled:
+            self.pool, self.feedback = self._open_pool(resume)
+        self.logger = None
+        if procs.is_main:
+            self.logger = MetricsLogger(
+                run_dir, tensorboard=t.tensorboard, resume_step=self.global_step if resume else None
+            )
+        self.timer = StageTimer()
+        self.last_samples: list[tuple[str, str, float]] = []
+
+    def _open_pool(self, resume: bool) -> tuple[ExperiencePool, FeedbackBuilder]:
+        """The run's experience pool (SPEC §5), rolled back to the checkpoint's step on resume so nothing written
+        after it (rollouts, evictions, lessons) survives a kill; and the prompt builder that reads it."""
+        lanpo, procs = self.cfg.algorithm.lanpo, self.procs
+        with procs.accelerator.main_process_first():  # process 0 owns the pool; the others only read it
+            pool = ExperiencePool(
+                self.run_dir / "pool.sqlite",
+                max_per_problem=lanpo.pool_max_per_problem,
+                max_size=lanpo.pool_max_size,
+                read_only=not procs.is_main,
+            )
+            if resume and procs.is_main:
+                pool.rollback(self.global_step)
+            elif not resume and pool.stats()["size"] > 0:
+                raise UserError(f"{self.run_dir / 'pool.sqlite'} already has entries; start a new run directory")
+        tok = self.tokenizer
+
+        def ids(text: str) -> list[int]:
+            return tok(text, add_special_tokens=False)["input_ids"]
+
+        def truncate(text: str, budget: int) -> str:
+            t = ids(text)
+            return text if len(t) <= budget else tok.decode(t[:budget], skip_special_tokens=True)
+
+        builder = FeedbackBuilder(
+            pool,
+            lanpo,
+            templates_for(lanpo, builtin_task=self.cfg.data.source == "arithmetic"),
+            count_tokens=lambda text: len(ids(text)),
+            truncate=truncate,
+            write_lessons=self.write_lessons,
+        )
+        return pool, builder
+
+    def write_lessons(self, prompts: list[str]) -> list[tuple[str, int]]:
+        """LANPO abstraction: the current policy condenses trajectories into lessons, greedily, in one batch."""
+        with self.timer.stage("abstraction"):
+            ids = [prompt_ids(self.tokenizer, t, self.cfg.data.system_prompt) for t in prompts]
+            sampling = SamplingParams(self.cfg.algorithm.lanpo.lesson_max_tokens, temperature=0.0)
+            return [(c.text, len(c.token_ids)) for c in self.engine.generate(ids, 1, sampling)]
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One training step; returns its metrics (SPEC §6)."""
+        self.timer = timer = StageTimer()
+        start = time.perf_counter()
+        batch = Batch(step=self.global_step + 1, group_size=self.cfg.rollout.group_size)
+        wanted = self.cfg.rollout.prompts_per_step
+        while batch.kept_groups < wanted:  # DAPO dynamic sampling repeats rounds until the batch is full
+            with timer.stage("prompts"):
+                rnd = self.build_prompts(batch, wanted - batch.kept_groups)
+            with timer.stage("generation"):
+                self.generate(rnd)
+            with timer.stage("reward"):
+                self.score(rnd)
+            self.filter(batch, rnd)
+            a = self.cfg.algorithm
+            if not a.dynamic_sampling or batch.rounds > a.max_resample:
+                break
+        if not batch.empty:  # dynamic sampling may find no informative group: then nothing to learn this step
+            with timer.stage("advantages"):
+                self.compute_advantages(batch)
+            with timer.stage("batching"):
+                self.make_micro_batches(batch)
+            with timer.stage("logprobs"):
+                batch.old_logp, batch.ref_logp = self.updater.reference_logprobs(batch.micro_batches)
+            with timer.stage("update"):
+                batch.update_metrics = self.updater.step(batch.micro_batches, batch.old_logp, batch.ref_logp)
+                self.sync_weights()
+        self.record(batch)
+        with timer.stage("logging"):
+            metrics = self.metrics(batch)
+        metrics.update(timer.metrics())
+        metrics["time/step"] = step_time = self.procs.max(time.perf_counter() - start)  # the slowest process's
+        if not batch.empty:
+            metrics["tokens_per_s"] = metrics["tokens/generated"] / step_time
+        return metrics
+
+    # ---- the stages, in data-flow order -----------------------------------------------------------------------
+
+    def build_prompts(self, batch: Batch, n: int) -> Round:
+        """problems → prompts: this process's share of `n` problems from the stream, each with G prompt plans
+        (LANPO: scratch / reflect / abstract from the pool, SPEC §5), tokenised with the chat template."""
+        problems = self.procs.shard(self.stream.take(n))
+        if self.feedback is None:
+            plans = scratch_plans(problems, batch.group_size)
+        else:
+            plans, stats = self.feedback.build(problems, batch.group_size, batch.step)
+            batch.feedback_stats.append(stats)
+        rnd = Round(problems, plans)
+        rnd.prompt_ids = self._prompt_ids([p.text for p in plans])
+        return rnd
+
+    def generate(self, rnd: Round) -> None:
+        """rollout: one completion per plan. Without LANPO a group's prompts are identical, so the engine gets each
+        once with n = G and can share it."""
+        G = self.cfg.rollout.group_size
+        if not rnd.problems:
+            return
+        if self.feedback is None:
+            rnd.completions = self.engine.generate(rnd.prompt_ids[::G], G, self.sampling)
+        else:
+            rnd.completions = self.engine.generate(rnd.prompt_ids, 1, self.sampling)
+
+    def score(self, rnd: Round) -> None:
+        """rewards: every reward function over the round's completions, with the problems' columns."""
+        if not rnd.problems:
+            return
+        G = self.cfg.rollout.group_size
+        out = self.rewards(
+            [p.prompt for p in rnd.problems for _ in range(G)], [c.text for c in rnd.completions], _columns(rnd, G)
+        )
+        rnd.rewards, rnd.reward_metrics = out.total, out.metrics
+        rnd.correct = out.correct or [False] * len(rnd.completions)
+
+    def filter(self, batch: Batch, rnd: Round) -> None:
+        """SPEC §3 DAPO dynamic sampling: keep the groups whose rewards differ (all of them when it is off); the
+        first round's share of equal-reward groups is logged either way."""
+        G = self.cfg.rollout.group_size
+        informative = algorithms.informative_groups(rnd.rewards, G) if G > 1 else [False] * len(rnd.problems)
+        if batch.zero_std_groups is None:
+            equal = self.procs.gather([not x for x in informative])
+            batch.zero_std_groups = sum(equal) / max(len(equal), 1)
+        keep = informative if self.cfg.algorithm.dynamic_sampling else [True] * len(rnd.problems)
+        batch.add(rnd, keep)
+        batch.kept_groups += round(self.procs.sum(sum(keep)))
+
+    def compute_advantages(self, batch: Batch) -> None:
+        """Per-sequence advantages from the registry (SPEC §3–§4); LANPO may score each mode of a group on its own
+        (`lanpo.advantage_scope=mode`)."""
+        a, G = self.cfg.algorithm, batch.group_size
+        group_ids = torch.arange(len(batch.problems)).repeat_interleave(G)
+        if self.feedback is not None and a.lanpo.advantage_scope == "mode":
+            group_ids = group_ids * len(MODES) + torch.tensor([MODES.index(p.mode) for p in batch.plans])
+        inputs = {}
+        if "seq_scores" in algorithms.get_advantage(a.advantage).inputs:  # LamPO: from the rollout's log-probs
+            inputs["seq_scores"] = algorithms.sequence_scores([c.logprobs for c in batch.completions], a.lampo.score)
+        batch.group_ids = group_ids
+        batch.advantages = algorithms.compute_advantages(
+            a.advantage,
+            torch.tensor(batch.rewards, dtype=torch.float64),
+            group_ids,
+            options=self.advantage_options,
+            diagnostics=batch.diagnostics,
+            **inputs,
+        )
+
+    def make_micro_batches(self, batch: Batch) -> None:
+        """loss inputs: the truncation mask (SPEC §3), LANPO `strip` (SPEC §5: train π_θ(o|q) against the
+        behaviour π_old(o|q,c)), and the micro-batches of `train.micro_batch_size` sequences."""
+        a = self.cfg.algorithm
+        completions, batch.guide = batch.completions, [False] * len(batch.completions)
+        if self.feedback is not None and a.lanpo.context_in_loss == "strip":
+            plain = self._prompt_ids([p.problem.prompt for p in batch.plans])
+            completions, batch.guide = strip_contexts(completions, [p.mode for p in batch.plans], plain)
+        batch.loss_mask = algorithms.truncation_mask([c.truncated for c in completions], a.mask_truncated)
+        batch.micro_batches = make_micro_batches(
+            completions, batch.advantages, batch.loss_mask, self.cfg.train.micro_batch_size,
+            self.tokenizer.pad_token_id, self.device, batch.guide,
+        )  # fmt: skip
+
+    def sync_weights(self) -> None:
+        """weight sync: engines that hold their own copy of the weights take the updated ones."""
+        self.engine.load_weights(self.model)
+
+    def record(self, batch: Batch) -> None:
+        """pool write (LANPO: this step's lessons, then every scored rollout) and the completions log, each with
+        the context it was sampled under. Process 0 writes both, for every process, in rank order."""
+        procs = self.procs
+        if self.pool is not None:
+            with self.timer.stage("pool"):
+                lessons = procs.gather(self.feedback.take_new_lessons())
+                entries = procs.gather(
+                    [
+                        PoolEntry(p.problem.id, p.problem.prompt, c.text, float(w), batch.step, p.mode,
+                                  len(c.prompt_ids), len(c.token_ids))  # fmt: skip
+                        for p, c, w in batch.scored
+                    ]
+                )
+                if procs.is_main:
+                    for key, text, step in lessons:
+                        self.pool.put_lesson(key, text, step)
+                    self.pool.add(entries)
+                procs.barrier()  # the next step's reads see this step's writes on every process
+        if self.cfg.train.log_completions:
+            with self.timer.stage("logging"):
+                records = procs.gather(
+                    [
+                        {"problem_id": p.problem.id, "mode": p.mode, "prompt": p.text, "completion": c.text,
+                         "reward": w}  # fmt: skip
+                        for p, c, w in batch.scored
+                    ]
+                )
+                if self.logger is not None:
+                    self.logger.log_completions(batch.step, records)
+
+    def metrics(self, batch: Batch) -> dict[str, float]:
+        """The step's metrics over the whole global batch (SPEC §6), gathered from every process."""
+        procs, G = self.procs, batch.group_size
+        trained = [
+            (len(c.token_ids), c.truncated, abs(float(x)))
+            for c, x in zip(batch.completions, batch.advantages if batch.advantages is not None else [], strict=True)
+        ] if not batch.empty else []  # fmt: skip
+        self.last_samples = [
+            (p.prompt, batch.completions[i * G].text, batch.rewards[i * G]) for i, p in enumerate(batch.problems[:3])
+        ]
+        return step_metrics(
+            procs,
+            batch,
+            trained=procs.gather(trained),
+            rewards=procs.gather(batch.rewards),
+            correct=procs.gather(batch.correct),
+            modes=procs.gather([(p.mode, p.context_tokens) for p in batch.plans]) if self.feedback else None,
+            feedback_stats=procs.gather(batch.feedback_stats) if self.feedback else None,
+            reward_metrics=procs.gather([batch.reward_metrics]),
+            diagnostics=_mean_over_processes(procs, batch.diagnostics, weight=len(batch.problems)),
+            sampled_tokens=procs.sum(
+                sum(len(c.token_ids) for _, c, _ in batch.scored) + sum(s.lesson_tokens for s in batch.feedback_stats)
+            ),
+            pool_size=float(self.pool.stats()["size"]) if self.pool is not None else None,
+            lr=self.scheduler.get_last_lr()[0],
+        )
+
+    def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt text (chat template applied); repeated texts are tokenised once."""
+        cache: dict[str, list[int]] = {}
+        for t in texts:
+            if t not in cache:
+                cache[t] = prompt_ids(self.tokenizer, t, self.cfg.data.system_prompt)
+        return [cache[t] for t in texts]
+
+    # ---- around the steps -------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Eval metrics (process 0 evaluates; the others wait and get its numbers)."""
+        if not self.procs.is_main:
+            return self.procs.broadcast({})
+        e = self.cfg.eval
+        res = evaluate(
+            self.model,
+            self.tokenizer,
+            self.eval_problems[: e.num_problems],
+            self.rewards,
+            max_new_tokens=self.cfg.rollout.max_new_tokens,
+            k=e.k,
+            temperature=e.temperature,
+            batch_size=e.batch_size,
+            system_prompt=self.cfg.data.system_prompt,
+            # LANPO runs also report feedback-augmented accuracy (a reward-agnostic second attempt, SPEC §5)
+            reflect_template=self.feedback.templates.reflect if self.feedback is not None else None,
+            engine=self.cfg.rollout.engine,
+        )
+        return self.procs.broadcast({f"eval/{k}": v for k, v in res.items()})
+
+    def stop_reason(self) -> str | None:
+        """Which limit ends training now: `steps`, `max_seconds` or `max_tokens` (first reached), or None."""
+        t = self.cfg.train
+        if self.global_step >= t.steps:
+            return "steps"
+        if t.max_seconds is not None and self.elapsed >= t.max_seconds:
+            return "max_seconds"
+        if t.max_tokens is not None and self.tokens_total >= t.max_tokens:
+            return "max_tokens"
+        return None
+
+    def checkpoint(self, finished: bool = False) -> None:
+        """`finished` marks the run's final checkpoint: that is what tells a budget-stopped run from a killed one.
+        Process 0 writes it, with every process's RNG state; the others wait until it is in place."""
+        rng = self.procs.gather([rng_state()])
+        if not self.procs.is_main:
+            self.procs.barrier()
+            return
+        state: dict[str, Any] = {
+            "cursor": self.stream.cursor,
+            "elapsed_seconds": self.elapsed,
+            "tokens_total": self.tokens_total,
+        }
+        if finished:
+            state.update(finished=True, stopped_by=self.stop_reason())
+        save_checkpoint(
+            self.run_dir,
+            self.global_step,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            state,
+            keep=self.cfg.train.keep_checkpoints,
+            rng=rng,
+        )
+        if self.pool is not None:  # evictions up to this step can no longer be rolled back: purge them
+            self.pool.checkpointed(self.global_step)
+        self.procs.barrier()
+
+    def close(self) -> None:
+        self.engine.close()
+        self.rewards.close()
+        if self.logger is not None:
+            self.logger.close()
+        if self.pool is not None:
+            self.pool.close()
+        self.procs.close()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.log(step, metrics)
+
+
+def _columns(rnd: Round, repeat: int) -> dict[str, list]:
+    cols: dict[str, list] = {"answer": [], "reference": [], "problem_id": []}
+    for p in rnd.problems:
+        cols["answer"] += [p.answer] * repeat
+        cols["reference"] += [p.reference] * repeat
+        cols["problem_id"] += [p.id] * repeat
+    return cols
+
+
+def _mean_over_processes(procs: Processes, values: dict[str, float], weight: float) -> dict[str, float]:
+    """Weighted mean of per-process diagnostics (weight: e.g. the process's group count); identity for one."""
+    if procs.world == 1:
+        return values
+    parts = [(w, v) for w, v in procs.gather([(weight, values)]) if w > 0 and v]
+    total = sum(w for w, _ in parts)
+    return {k: sum(w * v[k] for w, v in parts) / total for k in parts[0][1]} if parts else {}
+
+
+def _enable_activation_checkpointing(model: Any) -> None:
+    """`train.gradient_checkpointing`, non-reentrant (works with frozen inputs and LoRA); renamed in transformers 5."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
