@@ -2,7 +2,7 @@
 one optimisation step on a fixed global batch, then process 0 saves the parameters and the step's metrics.
 
 Every process builds the same untrained tiny model and samples the same global batch (same seed, same weights),
-then trains on its own share of whole groups, as `Trainer.train_step` shards them."""
+then trains on its own share of whole groups, as `Trainer.step` shards them."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def main(out: str, run_dir: str, *overrides: str) -> None:
             return step(*args, **kwargs)
 
         trainer.optimizer.step = capture
-        old, ref = trainer.reference_logprobs(mbs)
-        metrics = trainer.update(mbs, old, ref)
+        old, ref = trainer.updater.reference_logprobs(mbs)
+        metrics = trainer.updater.step(mbs, old, ref)
         if trainer.procs.is_main:
             params = {k: v.detach().clone() for k, v in named}
             torch.save({"params": params, "grads": grads, "metrics": metrics, "world": trainer.procs.world}, out)

@@ -93,7 +93,9 @@ def test_defaults_and_option_plumbing() -> None:
     expected = naive_lampo(rewards, ids, scores, 1.0, "confidence", "weights")
     got = compute_advantages("lampo", torch.tensor(rewards), torch.tensor(ids), seq_scores=torch.tensor(scores))
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
-    cfg = load_config(None, ["algorithm.lampo.tau=2", "algorithm.lampo.weight=preference", "algorithm.lampo.normalize=pairs"])
+    cfg = load_config(
+        None, ["algorithm.lampo.tau=2", "algorithm.lampo.weight=preference", "algorithm.lampo.normalize=pairs"]
+    )
     assert advantage_options("lampo", cfg.algorithm) == LamPOOptions(tau=2.0, weight="preference", normalize="pairs")
 
 

@@ -146,9 +146,9 @@ def run_lanpo(tiny_overrides, tmp_path, *extra: str, steps: int = 3) -> tuple[Tr
     trainer = Trainer(load_config(None, [*tiny_overrides, *LANPO, *extra]), tmp_path / "run")
     metrics = []
     for _ in range(steps):
-        metrics.append(trainer.train_step())
-        trainer.step += 1
-        trainer.logger.log(trainer.step, metrics[-1])
+        metrics.append(trainer.step())
+        trainer.global_step += 1
+        trainer.logger.log(trainer.global_step, metrics[-1])
     trainer.close()
     return trainer, metrics
 
@@ -183,21 +183,24 @@ def test_run_reflects_only_on_earlier_steps_and_abstracts_from_other_problems(ti
 
 
 @pytest.mark.parametrize(
-    "option",
+    "option, other, differs",
     [
-        "algorithm.lanpo.context_in_loss=keep",
-        "algorithm.lanpo.context_in_loss=strip",
-        "algorithm.lanpo.advantage_scope=group",
-        "algorithm.lanpo.advantage_scope=mode",
-        "algorithm.lanpo.retriever=lexical",
-        "algorithm.advantage=lampo",
+        ("algorithm.lanpo.context_in_loss=keep", "algorithm.lanpo.context_in_loss=strip", "ratio/mean"),
+        ("algorithm.lanpo.advantage_scope=group", "algorithm.lanpo.advantage_scope=mode", "advantage/abs_mean"),
+        ("algorithm.advantage=grpo", "algorithm.advantage=lampo", "advantage/abs_mean"),
     ],
 )
-def test_lanpo_option_trains(tiny_overrides, tmp_path, option):
-    trainer, metrics = run_lanpo(tiny_overrides, tmp_path, option, steps=2)
-    assert math.isfinite(metrics[-1]["loss"]) and metrics[-1]["lanpo/reflect/count"] > 0
-    key, value = option.split("=")
-    assert f"{key.split('.')[-1]}: {value}" in (tmp_path / "run" / "config.yaml").read_text()
+def test_lanpo_option_changes_what_it_should(tiny_overrides, tmp_path, option, other, differs):
+    """Each value trains with feedback rollouts, is recorded with the run, and changes what it should at step 2
+    (step 1 has an empty pool: every rollout is scratch, so the samples of both runs are the same until then)."""
+    seen = []
+    for i, value in enumerate((option, other)):
+        _, metrics = run_lanpo(tiny_overrides, tmp_path / str(i), value, steps=2)
+        assert math.isfinite(metrics[-1]["loss"]) and metrics[-1]["lanpo/reflect/count"] > 0
+        key, val = value.split("=")
+        assert f"{key.split('.')[-1]}: {val}" in (tmp_path / str(i) / "run" / "config.yaml").read_text()
+        seen.append(metrics[-1][differs])
+    assert seen[0] != pytest.approx(seen[1], rel=1e-6, abs=1e-9)
 
 
 def test_strip_uses_the_guide_ratio_against_behaviour_logprobs(tiny_overrides, tmp_path):
@@ -307,7 +310,7 @@ def test_context_in_loss_against_a_hand_built_example(tiny_overrides, tmp_path, 
     else:
         guide = [False, False]
     mbs = make_micro_batches(comps, adv, [True, True], 0, tok.pad_token_id, trainer.device, guide)
-    metrics = trainer.update(mbs, [None], [None])
+    metrics = trainer.updater.step(mbs, [None], [None])
     trainer.close()
     assert metrics["loss"] == pytest.approx(sum(expected) / 2, rel=1e-4, abs=1e-5)
 

@@ -16,7 +16,7 @@ DENSE = ["rewards.functions=[math_answer, 'conftest:length_reward']", "rewards.w
 def step(tiny_overrides, tmp_path, *extra: str) -> tuple[Trainer, dict, list[torch.Tensor]]:
     trainer = Trainer(load_config(None, [*tiny_overrides, *DENSE, *extra]), tmp_path / "run")
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    metrics = trainer.train_step()
+    metrics = trainer.step()
     trainer.close()
     return trainer, metrics, before
 
@@ -25,37 +25,47 @@ def changed(trainer: Trainer, before: list[torch.Tensor]) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
 
 
-@pytest.mark.parametrize(
-    "option",
-    [
-        "algorithm.advantage=grpo",
-        "algorithm.advantage=rloo",
-        "algorithm.scale_rewards=group",
-        "algorithm.scale_rewards=batch",
-        "algorithm.scale_rewards=none",
-        "algorithm.ratio_level=token",
-        "algorithm.ratio_level=sequence",
-        "algorithm.loss_agg=seq-mean-token-mean",
-        "algorithm.loss_agg=token-mean",
-        "algorithm.loss_agg=seq-mean-token-sum-norm",
-        "algorithm.eps_high=0.28",
-        "train.max_grad_norm=0",
-        "train.lr_schedule=cosine",
-    ],
-)
-def test_option_trains(tiny_overrides, tmp_path, option):
-    trainer, metrics, before = step(tiny_overrides, tmp_path, option)
-    assert changed(trainer, before) and math.isfinite(metrics["loss"])
-    key, value = option.split("=")
-    saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert f"{key.split('.')[-1]}: {value}" in saved  # the choice is recorded with the run
+def weights(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+# (option, contrasting value, what must differ between them after one step from the same seed, extra overrides).
+# One pass of a step has every ratio at 1, where clipping and the ratio's level cannot act: those use two passes.
+TWO_PASSES = ("algorithm.num_iterations=2", "train.lr=1e-2")
+CONTRASTS = [
+    ("algorithm.advantage=grpo", "algorithm.advantage=rloo", "advantage/abs_mean", ()),
+    ("algorithm.scale_rewards=group", "algorithm.scale_rewards=batch", "advantage/abs_mean", ()),
+    ("algorithm.scale_rewards=group", "algorithm.scale_rewards=none", "advantage/abs_mean", ()),
+    ("algorithm.ratio_level=token", "algorithm.ratio_level=sequence", "weights", TWO_PASSES),
+    ("algorithm.loss_agg=seq-mean-token-mean", "algorithm.loss_agg=token-mean", "weights", ()),
+    ("algorithm.loss_agg=seq-mean-token-mean", "algorithm.loss_agg=seq-mean-token-sum-norm", "weights", ()),
+    ("algorithm.eps_high=0.28", "algorithm.eps_high=0.001", "weights", TWO_PASSES),
+    ("train.max_grad_norm=0", "train.max_grad_norm=1e-4", "weights", ()),
+    ("train.lr_schedule=constant", "train.lr_schedule=cosine", "lr", ("train.steps=4",)),
+]
+
+
+@pytest.mark.parametrize("option, other, differs, extra", CONTRASTS)
+def test_option_changes_what_it_should(tiny_overrides, tmp_path, option, other, differs, extra):
+    """Each value trains, is recorded with the run, and changes what it should against another value."""
+    runs = []
+    for i, value in enumerate((option, other)):
+        trainer, metrics, before = step(tiny_overrides, tmp_path / str(i), value, *extra)
+        assert changed(trainer, before) and math.isfinite(metrics["loss"])
+        key, val = value.split("=")
+        assert f"{key.split('.')[-1]}: {val}" in (tmp_path / str(i) / "run" / "config.yaml").read_text()
+        runs.append(weights(trainer) if differs == "weights" else metrics[differs])
+    a, b = runs
+    assert (not torch.equal(a, b)) if differs == "weights" else a != pytest.approx(b, rel=1e-6, abs=1e-9)
 
 
 def test_kl_only_with_beta(tiny_overrides, tmp_path):
     trainer, metrics, _ = step(tiny_overrides, tmp_path, "algorithm.beta=0")
-    assert trainer.ref_model is None and "kl" not in metrics
+    assert trainer.updater.ref_model is None and "kl" not in metrics
     trainer, metrics, _ = step(tiny_overrides, tmp_path / "b", "algorithm.beta=0.1")
-    assert trainer.ref_model is not None and metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # first step: π = π_ref
+    assert trainer.updater.ref_model is not None and metrics["kl"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # first step: π = π_ref
 
 
 def test_several_passes_use_kept_old_logprobs(tiny_overrides, tmp_path):
@@ -92,7 +102,7 @@ def test_dynamic_sampling_drops_equal_reward_groups(tiny_overrides, tmp_path):
         ),
         tmp_path / "run",
     )
-    metrics = trainer.train_step()
+    metrics = trainer.step()
     trainer.close()
     assert metrics["groups"] == 0 and metrics["dynamic_sampling/rounds"] == 3
     assert trainer.stream.cursor == 3 * 3  # three rounds of three prompts were consumed
@@ -138,22 +148,18 @@ def test_lampo_option_trains(tiny_overrides, tmp_path, option):
     assert f"{key.split('.')[-1]}: {value}" in (tmp_path / "run" / "config.yaml").read_text()
 
 
-def test_lampo_seq_scores_are_behaviour_logprob_means_or_sums(tiny_overrides, tmp_path):
-    from reasonrl.rollout.base import Completion
+def test_lampo_seq_scores_are_behaviour_logprob_means_or_sums():
+    from reasonrl.algorithms import sequence_scores
 
-    comps = [Completion([1], [5, 6, 7], [-1.0, -2.0, -3.0], False, "x"), Completion([1], [5], [-0.5], False, "y")]
-    for score, expected in (("mean", [-2.0, -0.5]), ("sum", [-6.0, -0.5])):
-        trainer = Trainer(
-            load_config(None, [*tiny_overrides, *LAMPO, f"algorithm.lampo.score={score}"]), tmp_path / score
-        )
-        trainer.close()
-        assert trainer.advantage_context(comps)["seq_scores"].tolist() == expected
+    logprobs = [[-1.0, -2.0, -3.0], [-0.5], []]
+    assert sequence_scores(logprobs, "mean").tolist() == [-2.0, -0.5, 0.0]
+    assert sequence_scores(logprobs, "sum").tolist() == [-6.0, -0.5, 0.0]
 
 
 def test_lampo_dense_reward_is_added_with_lambda_sem(tiny_overrides, tmp_path):
     overrides = [*tiny_overrides, *LAMPO, "rewards.functions=[math_answer]", "rewards.weights=null"]
     trainer = Trainer(load_config(None, [*overrides, "algorithm.lampo.lambda_sem=0.1"]), tmp_path / "on")
-    metrics = trainer.train_step()
+    metrics = trainer.step()
     trainer.close()
     assert trainer.rewards.names == ["math_answer", "rouge_l"] and trainer.rewards.weights == [1.0, 0.1]
     # every built-in problem has a reference, and any completion shares some word with it: a dense, non-zero share
@@ -202,7 +208,7 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_overrides, tmp_path, va
 @pytest.mark.parametrize("value", [False, True])
 def test_ref_offload_keeps_the_reference_on_the_cpu(tiny_overrides, tmp_path, value):
     trainer, metrics, _ = step(tiny_overrides, tmp_path, "algorithm.beta=0.1", f"train.ref_offload={value}")
-    assert next(trainer.ref_model.parameters()).device.type == "cpu"  # (on a GPU only offload keeps it there)
+    assert next(trainer.updater.ref_model.parameters()).device.type == "cpu"  # (on a GPU only offload keeps it there)
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -233,7 +239,7 @@ def test_rollout_workers_give_the_same_step(tiny_overrides, tmp_path, workers):
     torch.set_num_threads(2)
     try:
         trainer = Trainer(load_config(None, [*tiny_overrides, *DENSE, f"rollout.workers={workers}"]), tmp_path / "run")
-        metrics = trainer.train_step()
+        metrics = trainer.step()
         pool = trainer.engine.pool
         assert (pool.count if pool else 1) == (workers or 2)
         procs = list(pool.procs) if pool else []

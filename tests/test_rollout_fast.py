@@ -103,10 +103,11 @@ def test_behaviour_logprobs_equal_the_trainers_recomputation(policy):
         torch.manual_seed(3)
         comps = FastEngine(model, tok).generate(prompts, 3, SamplingParams(24, temperature))
         mb = make_micro_batches(comps, torch.zeros(len(comps)), [True] * len(comps), 0, tok.pad_token_id, "cpu")[0]
-        with torch.no_grad():
-            logp, _ = token_logprobs(model, mb, temperature)
-        assert mb.mask.sum() == sum(len(c.token_ids) for c in comps)
-        assert ((logp - mb.behaviour_logp).abs() * mb.mask).max() < 1e-5
+        for forward in ("generic", "shared_prefix"):
+            with torch.no_grad():
+                logp, _ = token_logprobs(model, mb, temperature, forward=forward)
+            assert mb.mask.sum() == sum(len(c.token_ids) for c in comps)
+            assert ((logp - mb.behaviour_logp).abs() * mb.mask).max() < 1e-5
 
 
 def test_eos_stops_each_row_and_sets_the_truncation_flags(policy):
@@ -191,7 +192,7 @@ def test_generic_path_and_eager_attention_give_the_same_samples(policy, monkeypa
         _same(_both(HFEngine(model, tok), FastEngine(model, tok), prompts, 2, sampling)[1], reference)
     finally:
         model.set_attn_implementation("sdpa")
-    monkeypatch.setattr(rollout, "fast_forward_supported", lambda model: False)
+    monkeypatch.setattr(rollout_engine, "fast_forward_supported", lambda model: False)
     _same(_both(HFEngine(model, tok), FastEngine(model, tok), prompts, 2, sampling)[1], reference)
 
 
@@ -201,7 +202,7 @@ def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, 
     path (every prompt + completion as one sequence): logits and parameter gradients agree, with the default
     attention buckets and with as many as the lengths allow (no cost per bucket)."""
     model, tok, prompts = policy
-    monkeypatch.setattr(rollout, "BUCKET_OVERHEAD", overhead)
+    monkeypatch.setattr(rollout_shared_prefix, "BUCKET_OVERHEAD", overhead)
     torch.manual_seed(0)
     comps = FastEngine(model, tok).generate(prompts, 3, SamplingParams(16, 1.0))
     ids, real, which = pad_prompts([c.prompt_ids for c in comps], tok.pad_token_id, torch.device("cpu"))
@@ -216,9 +217,10 @@ def test_shared_prompt_pass_equals_one_pass_per_sequence_with_gradients(policy, 
     model.train()
     results = []
     for fast in (True, False):
-        monkeypatch.setattr(rollout, "fast_forward_supported", lambda model, fast=fast: fast)
         model.zero_grad(set_to_none=True)
-        logits = completion_logits(model, ids, real, which, targets, lengths)
+        logits = completion_logits(
+            model, ids, real, which, targets, lengths, forward="shared_prefix" if fast else "generic"
+        )
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         (logp * mask).sum().backward()
         results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -275,14 +277,13 @@ def test_shared_prompt_pass_of_one_token_completions(policy, monkeypatch):
     ids, real, which = pad_prompts(prompts[:2], tok.pad_token_id, torch.device("cpu"))
     targets = torch.tensor([[tok.eos_token_id, tok.pad_token_id]] * 2)
     with torch.no_grad():
-        logits = completion_logits(model, ids, real, which, targets, torch.tensor([1, 1]))
-        full = completion_logits(model, ids, real, which, targets)
+        logits = completion_logits(model, ids, real, which, targets, torch.tensor([1, 1]), forward="shared_prefix")
+        full = completion_logits(model, ids, real, which, targets, forward="shared_prefix")
     assert logits.shape == full.shape
     assert torch.allclose(logits[:, 0], full[:, 0]) and not logits[:, 1].any()
     with torch.no_grad():  # one column of targets: only the prompts run, and predict it as the generic path does
-        one = completion_logits(model, ids, real, which, targets[:, :1])
-        monkeypatch.setattr(rollout, "fast_forward_supported", lambda model: False)
-        generic = completion_logits(model, ids, real, which, targets[:, :1])
+        one = completion_logits(model, ids, real, which, targets[:, :1], forward="shared_prefix")
+        generic = completion_logits(model, ids, real, which, targets[:, :1], forward="generic")
     assert one.shape == generic.shape == (2, 1, logits.shape[-1])
     assert (one - generic).abs().max() < 1e-5
 
@@ -304,11 +305,11 @@ def test_a_training_step_is_the_same_with_either_engine(tiny_overrides, tmp_path
     rounding."""
     results = []
     for engine in ("hf", "fast"):
-        overrides = [f"rollout_base.engine={engine}", "rewards.functions=[format]", "rewards.weights=null"]
+        overrides = [f"rollout.engine={engine}", "rewards.functions=[format]", "rewards.weights=null"]
         cfg = load_config(None, [*tiny_overrides, *overrides])
         trainer = Trainer(cfg, tmp_path / engine)
         try:
-            results.append([trainer.train_step() for _ in range(2)])
+            results.append([trainer.step() for _ in range(2)])
         finally:
             trainer.close()
     for a, b in zip(*results, strict=True):
@@ -353,16 +354,16 @@ def test_other_decoder_families_with_grouped_query_attention(family, monkeypatch
     width = max(len(c.token_ids) for c in b)
     targets = torch.tensor([c.token_ids + [tok.pad_token_id] * (width - len(c.token_ids)) for c in b])
     with torch.no_grad():
-        fast = completion_logits(model, pids, real, which, targets, torch.tensor([len(c.token_ids) for c in b]))
-        monkeypatch.setattr(rollout, "fast_forward_supported", lambda model: False)
+        lengths = torch.tensor([len(c.token_ids) for c in b])
+        fast = completion_logits(model, pids, real, which, targets, lengths, forward="shared_prefix")
         model.set_attn_implementation("eager")  # on a CPU the fast pass attends as eager attention does
-        plain = completion_logits(model, pids, real, which, targets)
+        plain = completion_logits(model, pids, real, which, targets, forward="generic")
     for r, c in enumerate(b):
         n = len(c.token_ids)
         assert torch.allclose(fast[r, :n], plain[r, :n], rtol=1e-5, atol=1e-5)
 
 
-# ---- rollout_base.workers: one chunk sampled by several processes ---------------------------------------------------
+# ---- rollout.workers: one chunk sampled by several processes ---------------------------------------------------
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -450,11 +451,11 @@ def test_worker_count(policy, monkeypatch):
         assert auto.workers_pool().count == 2
         auto.close()
         assert FastEngine(model, tok, workers=1).workers_pool() is None
-        monkeypatch.setattr(rollout, "shared_memory_shortfall", lambda model: "no room")
+        monkeypatch.setattr(rollout_engine, "shared_memory_shortfall", lambda model: "no room")
         assert FastEngine(model, tok, workers=0).workers_pool() is None  # auto: this process alone
-        with pytest.raises(UserError, match="rollout_base.workers=2: no room; set rollout_base.workers=1"):
+        with pytest.raises(UserError, match="rollout.workers=2: no room; set rollout.workers=1"):
             FastEngine(model, tok, workers=2).workers_pool()
-        monkeypatch.setattr(rollout, "fork_available", lambda: False)
+        monkeypatch.setattr(rollout_engine, "fork_available", lambda: False)
         assert FastEngine(model, tok, workers=2).workers_pool() is None
     finally:
         torch.set_num_threads(threads)
@@ -581,4 +582,4 @@ def test_the_cache_goes_by_the_keyword_the_model_takes(policy):
         ids, real, which = pad_prompts([c.prompt_ids for c in comps], tok.pad_token_id, torch.device("cpu"))
         targets = torch.tensor([c.token_ids + [tok.pad_token_id] * (8 - len(c.token_ids)) for c in comps])
         with torch.no_grad():
-            completion_logits(model, ids, real, which, targets)
+            completion_logits(model, ids, real, which, targets, forward="shared_prefix")

@@ -54,7 +54,7 @@ def test_one_step_changes_parameters_and_logs_metrics(tiny_overrides, tmp_path):
     dense = ["rewards.functions=[math_answer, format, 'conftest:length_reward']", "rewards.weights=[1, 0.1, 1]"]
     trainer = make_trainer(load_config(None, [*tiny_overrides, *dense]), tmp_path)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    metrics = trainer.train_step()
+    metrics = trainer.step()
     trainer.close()
     assert set(metrics) >= SPEC_METRICS, SPEC_METRICS - set(metrics)
     changed = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)]
@@ -94,7 +94,7 @@ def test_micro_batches_give_the_same_gradient(tiny_overrides, tmp_path, mode):
         torch.manual_seed(0)
         params = list(trainer.model.parameters())
         trainer.optimizer.step = lambda params=params: grads.append([p.grad.clone() for p in params])
-        trainer.train_step()
+        trainer.step()
         trainer.close()
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
@@ -112,10 +112,10 @@ def test_hanging_verifier_scores_zero_and_training_continues(tiny_overrides, tmp
 
     trainer.engine.generate = poisoned
     start = time.monotonic()
-    first = trainer.train_step()
+    first = trainer.step()
     assert time.monotonic() - start < 30
     assert first["reward/verify_timeouts"] == 1
-    second = trainer.train_step()  # the pool replaced its killed worker
+    second = trainer.step()  # the pool replaced its killed worker
     assert second["reward/verify_timeouts"] == 1
     trainer.close()
 

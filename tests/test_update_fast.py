@@ -13,7 +13,7 @@ import torch
 
 from reasonrl import algorithms
 from reasonrl.config import load_config
-from reasonrl.model import forward as rollout_forward
+from reasonrl.model.forward import completion_logits
 from reasonrl.rollout.base import SamplingParams
 from reasonrl.train.batch import make_micro_batches
 from reasonrl.train.trainer import Trainer
@@ -22,7 +22,6 @@ from reasonrl.train.trainer import Trainer
 def _reference(trainer: Trainer, comps, advantages, loss_mask, ref_model, monkeypatch):
     """Plain GRPO-family update of one pass: gradient and metrics, every sequence through the generic path (each
     prompt + completion run as one sequence), every sequence with autograd."""
-    monkeypatch.setattr(rollout, "fast_forward_supported", lambda model: False)
     a, temp = trainer.cfg.algorithm, trainer.cfg.rollout.temperature
     model = trainer.model
     mb = make_micro_batches(comps, advantages, loss_mask, 0, trainer.tokenizer.pad_token_id, "cpu")[0]
@@ -30,7 +29,8 @@ def _reference(trainer: Trainer, comps, advantages, loss_mask, ref_model, monkey
     model.zero_grad(set_to_none=True)
 
     def logprobs(m):
-        logits = rollout_forward.completion_logits(m, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets).float() / temp
+        logits = completion_logits(m, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets, forward="generic")
+        logits = logits.float() / temp
         logp_all = torch.log_softmax(logits, -1)
         return logp_all.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1), logp_all
 
@@ -74,7 +74,7 @@ def _reference(trainer: Trainer, comps, advantages, loss_mask, ref_model, monkey
     ],
 )
 def test_update_equals_the_plain_reference(tiny_overrides, tmp_path, engine, options, monkeypatch):
-    cfg = load_config(None, [*tiny_overrides, f"rollout_base.engine={engine}", "algorithm.loss_agg=token-mean", *options])
+    cfg = load_config(None, [*tiny_overrides, f"rollout.engine={engine}", "algorithm.loss_agg=token-mean", *options])
     trainer = Trainer(cfg, tmp_path / "run")
     try:
         tok = trainer.tokenizer
@@ -85,13 +85,13 @@ def test_update_equals_the_plain_reference(tiny_overrides, tmp_path, engine, opt
         advantages = torch.tensor([0.0] * 4 + [1.0, -0.5, 0.25, -0.75] + [0.0] * 4 + [0.5, -1.0, 0.0, 0.5])
         loss_mask = [True] * 16
         loss_mask[5] = False
-        grads_ref, expected = _reference(trainer, comps, advantages, loss_mask, trainer.ref_model, monkeypatch)
+        grads_ref, expected = _reference(trainer, comps, advantages, loss_mask, trainer.updater.ref_model, monkeypatch)
         captured = []
         params = list(trainer.model.parameters())
         trainer.optimizer.step = lambda: captured.append([p.grad.clone() for p in params])
         mbs = make_micro_batches(comps, advantages, loss_mask, cfg.train.micro_batch_size, tok.pad_token_id, "cpu")
-        old, ref = trainer.reference_logprobs(mbs)
-        metrics = trainer.update(mbs, old, ref)
+        old, ref = trainer.updater.reference_logprobs(mbs)
+        metrics = trainer.updater.step(mbs, old, ref)
     finally:
         trainer.close()
     for x, y in zip(captured[0], grads_ref, strict=True):
@@ -112,7 +112,7 @@ def test_an_all_zero_advantage_batch_still_steps_the_optimiser(tiny_overrides, t
         mbs = make_micro_batches(comps, torch.zeros(4), [True] * 4, 0, trainer.tokenizer.pad_token_id, "cpu")
         seen = []
         trainer.optimizer.step = lambda: seen.append([p.grad for p in trainer.model.parameters()])
-        metrics = trainer.update(mbs, [None], [None])
+        metrics = trainer.updater.step(mbs, [None], [None])
     finally:
         trainer.close()
     assert all(g is not None and not g.any() for g in seen[0])

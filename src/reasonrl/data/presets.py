@@ -1,6 +1,6 @@
 """Benchmark presets: GSM8K, MATH-500, AIME24, AIME25, AMC and GPQA-Diamond in their public column layouts.
 
-A preset says how one public dataset's rows become :class:`~reasonrl.data.problems.Problem` s: which Hugging Face dataset,
+A preset says how one public dataset's rows become `Problem` s: which Hugging Face dataset,
 configuration and split hold it (for users who are online), which columns hold the problem, the gold answer, the
 reference solution and the id, how the gold answer is read (GSM8K's ``#### 42`` line, AMC's float answers, GPQA's
 shuffled options) and the prompt template. The same layout reads a local JSONL/Parquet copy, so offline users

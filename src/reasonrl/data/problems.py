@@ -75,7 +75,7 @@ class RowLayout:
     """How the rows of one table layout become Problems (pass one to ``load_problems(..., layout=...)``).
 
     :class:`ColumnLayout` (a column mapping, the default) is one; the benchmark presets in
-    :mod:`reasonrl.benchmarks` are others. A layout names what is missing from a table's (or row's) columns and
+    :mod:`reasonrl.data.presets` are others. A layout names what is missing from a table's (or row's) columns and
     builds a Problem from one row dict; it raises :class:`UserError` prefixed with ``where`` ('file line N') for a
     bad value, so its errors are one line naming the file and row like every other data error.
     """

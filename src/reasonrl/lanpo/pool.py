@@ -66,7 +66,7 @@ _DIGITS = re.compile(r"[0-9]+")
 _T = TypeVar("_T")
 # Candidates scored exactly per query: the ranking before that sees only the chosen terms, so it is rough. With 200,
 # top-4 recall against brute force was 97% at gamma 0.5 and 0.7, 100% at 0.9, on 200k synthetic problems
-# (benchmarks/bench_pool.py); 50 lost up to a third at gamma 0.7.
+# (perf/bench_pool.py); 50 lost up to a third at gamma 0.7.
 _MIN_CANDIDATES = 200
 _CANDIDATES_PER_K = 50
 _SIM_SLACK = 1e-12  # so that gamma = 1.0 still accepts identical texts despite rounding

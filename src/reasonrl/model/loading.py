@@ -1,4 +1,4 @@
-"""Policy loading: any Hugging Face causal LM by path or hub name, or a registered built-in model (the demo's `tiny`)."""
+"""Policy loading: any Hugging Face causal LM by path or hub name, or a registered built-in model (`tiny`)."""
 
 from __future__ import annotations
 

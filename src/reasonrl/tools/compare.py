@@ -205,7 +205,7 @@ def make_plan(
         try:
             cfg = load_config(config_path, plan.overrides(label, seeds[0]))
             get_advantage(cfg.algorithm.advantage)
-        except UserError as e:
+        except (UserError, ValueError) as e:
             raise UserError(f"label '{label}': {e}") from None
         plan.steps = cfg.train.steps
     return plan

@@ -86,7 +86,8 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool, console: Any, prog
             if t.sample_every and trainer.global_step % t.sample_every == 0 and console is not None:
                 for prompt, text, reward in trainer.last_samples:
                     console.print(
-                        f"[dim]step {trainer.global_step} · reward {reward:.2f}[/dim] {prompt.strip()!r} → {text.strip()!r}",
+                        f"[dim]step {trainer.global_step} · reward {reward:.2f}[/dim] "
+                        f"{prompt.strip()!r} → {text.strip()!r}",
                         highlight=False,
                     )
             if t.save_every and trainer.global_step % t.save_every == 0 and not last:

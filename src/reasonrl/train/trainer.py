@@ -286,8 +286,16 @@ class Trainer:
                 lessons = procs.gather(self.feedback.take_new_lessons())
                 entries = procs.gather(
                     [
-                        PoolEntry(p.problem.id, p.problem.prompt, c.text, float(w), batch.step, p.mode,
-                                  len(c.prompt_ids), len(c.token_ids))  # fmt: skip
+                        PoolEntry(
+                            p.problem.id,
+                            p.problem.prompt,
+                            c.text,
+                            float(w),
+                            batch.step,
+                            p.mode,
+                            len(c.prompt_ids),
+                            len(c.token_ids),
+                        )  # fmt: skip
                         for p, c, w in batch.scored
                     ]
                 )
@@ -300,8 +308,13 @@ class Trainer:
             with self.timer.stage("logging"):
                 records = procs.gather(
                     [
-                        {"problem_id": p.problem.id, "mode": p.mode, "prompt": p.text, "completion": c.text,
-                         "reward": w}  # fmt: skip
+                        {
+                            "problem_id": p.problem.id,
+                            "mode": p.mode,
+                            "prompt": p.text,
+                            "completion": c.text,
+                            "reward": w,
+                        }  # fmt: skip
                         for p, c, w in batch.scored
                     ]
                 )

@@ -24,7 +24,7 @@ The final weights are compared too (max |difference|). Greedy decoding is checke
 (tests/test_rollout_fast.py); with the same seed the fast engine draws the same samples as `generate` (it consumes
 the RNG identically), which is why sampled runs can be compared step by step here.
 
-    python benchmarks/check_equivalence.py --baseline-src /tmp/base --steps 10
+    python perf/check_equivalence.py --baseline-src /tmp/base --steps 10
 """
 
 from __future__ import annotations
@@ -59,7 +59,12 @@ CHILD = r"""
 import json, sys, tempfile, torch
 from pathlib import Path
 from reasonrl.config import load_config
-from reasonrl.train.trainer import Trainer
+try:  # the redesigned layout: Trainer.step() takes a step
+    from reasonrl.train.trainer import Trainer
+    take_step = Trainer.step
+except ImportError:  # earlier trees: Trainer.train_step(), then the caller counts the step
+    from reasonrl.trainer import Trainer
+    take_step = Trainer.train_step
 
 def main():
     out, steps, threads, overrides = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
@@ -70,8 +75,11 @@ def main():
         metrics = []
         try:
             for _ in range(steps):
-                metrics.append(trainer.train_step())
-                trainer.step += 1
+                metrics.append(take_step(trainer))
+                if hasattr(trainer, "global_step"):
+                    trainer.global_step += 1
+                else:
+                    trainer.step += 1
         finally:
             trainer.close()
         Path(out, "metrics.json").write_text(json.dumps(metrics))

@@ -1,6 +1,6 @@
 """Where a training step's time goes, and how much of it is the model's own compute.
 
-For `--steps` steps (after `--warmup` untimed ones) of a real `Trainer.train_step()`, this reports the trainer's own
+For `--steps` steps (after `--warmup` untimed ones) of a real `Trainer.step()`, this reports the trainer's own
 stage timers (`time/*`: prompts, generation, reward, advantages, batching, logprobs, update, logging, and with LANPO
 pool and abstraction) and, right after each step, the model compute that step contained, timed on its own:
 
@@ -20,8 +20,8 @@ same trainer with an 8-layer, width-512 Qwen2 (30.4M parameters) from random ini
 long on a CPU), scored by the default rewards plus a dense one (`dense_reward` below) so that advantages are not all
 zero and the update does its backward pass. `--lanpo` turns on LANPO to time its stages.
 
-    python benchmarks/profile_step.py --size embedded --threads 1
-    python benchmarks/profile_step.py --size 30m --threads 1 --steps 3
+    python perf/profile_step.py --size embedded --threads 1
+    python perf/profile_step.py --size 30m --threads 1 --steps 3
 """
 
 from __future__ import annotations
@@ -207,10 +207,10 @@ def profile(args: argparse.Namespace) -> None:
                 trainer.engine.generate = keep
                 sync(trainer.device)
                 cpu0, wall0 = time.process_time(), time.perf_counter()
-                metrics = trainer.train_step()
+                metrics = trainer.step()
                 sync(trainer.device)
                 wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-                trainer.step += 1
+                trainer.global_step += 1
                 del trainer.engine.generate
                 if i < args.warmup:
                     continue

@@ -7,7 +7,7 @@ reasonrl, and the speed-up is computed per round, so load from other processes h
 reasonrl's time into tokenisation and LCS. Target (SPEC §4 acceptance): equal results and a speed-up of at least 200x
 on 500-word texts.
 
-Needs `pip install rouge-score`. Usage: python benchmarks/bench_rouge.py [--pairs 50] [--words 500] [--rounds 5]
+Needs `pip install rouge-score`. Usage: python perf/bench_rouge.py [--pairs 50] [--words 500] [--rounds 5]
 """
 
 from __future__ import annotations

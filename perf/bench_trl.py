@@ -22,7 +22,7 @@ By default glibc is told to keep freed memory in the process (`mallopt`) for bot
 VMs where returning memory to the kernel and faulting it back in is slow, timings otherwise measure page faults more
 than the trainers (`--malloc default` turns this off).
 
-    python benchmarks/bench_trl.py --steps 10 --repeats 5 --threads 1
+    python perf/bench_trl.py --steps 10 --repeats 5 --threads 1
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def check_same_prompt_ids(model_dir: Path, prompts: list[tuple[str, str]]) -> No
 
 
 def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS | None = None) -> Result:
-    """Build a reasonrl Trainer on the saved model; time `Trainer.train_step()` calls directly."""
+    """Build a reasonrl Trainer on the saved model; time `Trainer.step()` calls directly."""
     from reasonrl.config import load_config
     from reasonrl.train.trainer import Trainer
 
@@ -289,8 +289,8 @@ def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS |
     try:
         torch.set_num_threads(w.threads)
         for _ in range(w.warmup):
-            trainer.train_step()
-            trainer.step += 1
+            trainer.step()
+            trainer.global_step += 1
         lengths, rewards, stages = [], [], {}
         gc.collect()
         if memory is not None:
@@ -298,8 +298,8 @@ def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS |
         workers = child_pids()  # the rollout workers (started during the warm-up), whose CPU time counts too
         start, cpu_start = time.perf_counter(), cpu_seconds(workers)
         for _ in range(w.steps):
-            metrics = trainer.train_step()
-            trainer.step += 1
+            metrics = trainer.step()
+            trainer.global_step += 1
             lengths.append(metrics["completion/len_mean"])
             rewards.append(metrics["reward/mean"])
             for k, v in metrics.items():

@@ -6,7 +6,7 @@ one training step of the embedded default (`algorithm.advantage=lampo`, otherwis
 than the one the step itself processes; the step's own advantage stage (16 x 8, with LamPO's metrics) is reported too.
 
 Everything is measured in one process, interleaved, so that load from other processes hits both sides alike: after
-one untimed warm-up step, each round times one `Trainer.train_step()` and then a few calls of every weight x
+one untimed warm-up step, each round times one `Trainer.step()` and then a few calls of every weight x
 normalize combination of the advantage on synthetic data (binary rewards plus noise, shuffled group ids). Reported:
 medians, and per combination the ratio advantage time / median step time as a percentage.
 
@@ -14,7 +14,7 @@ The first run of the embedded default warm-starts the tiny model (about 1-2 minu
 ~/.cache/reasonrl. `--device cuda` runs both the advantage and the trainer (`model.device=cuda`; the tiny model then
 loads in bf16 by `model.dtype=auto`) on the GPU; CUDA is synchronised before each clock read.
 
-Usage: python benchmarks/bench_lampo.py [--groups 1024] [--group-size 16] [--runs 20] [--steps 5] [--device cpu]
+Usage: python perf/bench_lampo.py [--groups 1024] [--group-size 16] [--runs 20] [--steps 5] [--device cpu]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def time_advantage(rewards, group_ids, seq_scores, weight: str, normalize: str, 
 def time_step(trainer: Trainer, device: str) -> tuple[float, dict[str, float]]:
     sync(device)
     start = time.perf_counter()
-    metrics = trainer.train_step()
+    metrics = trainer.step()
     sync(device)
     return time.perf_counter() - start, metrics
 
@@ -91,7 +91,7 @@ def main() -> None:
         trainer = Trainer(cfg, Path(tmpdir) / "run")  # warm-starts the tiny model on first use (then cached)
         try:
             load_start = os.getloadavg()[0]
-            trainer.train_step()  # untimed warm-up step
+            trainer.step()  # untimed warm-up step
             for weight, normalize in combos:  # untimed warm-up of each combination
                 time_advantage(rewards, group_ids, seq_scores, weight, normalize, args.device)
             step_times, stage_adv, adv_times = [], [], {c: [] for c in combos}

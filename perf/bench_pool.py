@@ -6,9 +6,9 @@ Fills a pool in a temporary directory with `--entries` synthetic rollouts over `
 shuffled epochs like a data loader. Then, at that size, measures median latencies of the calls the trainer makes per
 step, and the recall of `similar_problems` against a brute-force cosine over every live problem.
 
-Usage: python benchmarks/bench_pool.py [--entries 1000000] [--problems 200000] [--batch 128] [--group 4]
+Usage: python perf/bench_pool.py [--entries 1000000] [--problems 200000] [--batch 128] [--group 4]
 Retrieval p50 / p99 at three sizes (docs/benchmarks.md):
-    for n in 10000 100000 1000000; do python benchmarks/bench_pool.py --entries $n --problems $((n / 5)); done
+    for n in 10000 100000 1000000; do python perf/bench_pool.py --entries $n --problems $((n / 5)); done
 """
 
 from __future__ import annotations
