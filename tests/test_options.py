@@ -40,7 +40,7 @@ CONTRASTS = [
     ("algorithm.loss_agg=seq-mean-token-mean", "algorithm.loss_agg=token-mean", "weights", ()),
     ("algorithm.loss_agg=seq-mean-token-mean", "algorithm.loss_agg=seq-mean-token-sum-norm", "weights", ()),
     ("algorithm.eps_high=0.28", "algorithm.eps_high=0.001", "weights", TWO_PASSES),
-    ("train.max_grad_norm=0", "train.max_grad_norm=1e-4", "weights", ()),
+    ("train.max_grad_norm=0", "train.max_grad_norm=0.001", "weights", ()),
     ("train.lr_schedule=constant", "train.lr_schedule=cosine", "lr", ("train.steps=4",)),
 ]
 
