@@ -7,7 +7,7 @@ shuffled epochs like a data loader. Then, at that size, measures median latencie
 step, and the recall of `similar_problems` against a brute-force cosine over every live problem.
 
 Usage: python perf/bench_pool.py [--entries 1000000] [--problems 200000] [--batch 128] [--group 4]
-Retrieval p50 / p99 at three sizes (docs/benchmarks.md):
+Retrieval p50 / p99 at three sizes (docs/performance.md):
     for n in 10000 100000 1000000; do python perf/bench_pool.py --entries $n --problems $((n / 5)); done
 """
 

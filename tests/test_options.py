@@ -173,6 +173,19 @@ def test_lampo_dense_reward_is_added_with_lambda_sem(tiny_overrides, tmp_path):
     assert "rouge_l" not in trainer.rewards.names
 
 
+def test_lampo_rouge_l_listed_twice_is_refused():
+    from reasonrl.errors import UserError
+    from reasonrl.rewards.stage import reward_spec
+
+    both = ["algorithm.advantage=lampo", "rewards.functions=[math_answer,rouge_l]", "rewards.weights=[1.0,0.5]"]
+    with pytest.raises(UserError, match="lambda_sem=0"):
+        reward_spec(load_config(None, both))
+    assert reward_spec(load_config(None, [*both, "algorithm.lampo.lambda_sem=0"])) == (
+        ["math_answer", "rouge_l"],
+        [1.0, 0.5],
+    )
+
+
 def stage_sum(metrics: dict) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("time/") and k != "time/step")
 

@@ -1,7 +1,7 @@
 """The fast rollout engine against `HFEngine` (transformers.generate) on the tiny model, and the shared-prompt
 log-prob pass against one pass per prompt + completion.
 
-Tolerances (docs/benchmarks.md, "Equivalence"): greedy tokens identical; with the same seed, sampled tokens
+Tolerances (docs/performance.md, "Equivalence"): greedy tokens identical; with the same seed, sampled tokens
 identical (the engine draws its noise exactly as `torch.multinomial` does); behaviour log-probs within 1e-5 of
 HFEngine's and of the trainer's recomputation; shared-prompt logits within 1e-5 of the plain pass, gradients within
 1e-5 of each tensor's largest entry.

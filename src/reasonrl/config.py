@@ -139,6 +139,9 @@ class LampoConfig:
     rouge_tokens: Literal["words", "model"] = _opt("words", "ROUGE-L LCS over word tokens or the model's tokens")
 
 
+LANPO_MODES = ("scratch", "reflect", "abstract")  # SPEC §5 context modes, in the order metrics and mixes list them
+
+
 @dataclass
 class LanpoConfig:
     """SPEC §5 options of LANPO: experience pool, feedback contexts, and how they enter the loss."""
@@ -165,10 +168,9 @@ class LanpoConfig:
     trajectory_template: str | None = _opt(None, "fields {problem} {response} {reward}; None = the task's default")
 
     def __post_init__(self) -> None:
-        modes = ("scratch", "reflect", "abstract")
         for k, v in self.mix.items():
-            if k not in modes:
-                raise UserError(f"config 'algorithm.lanpo.mix' has unknown mode '{k}'{did_you_mean(k, modes)}")
+            if k not in LANPO_MODES:
+                raise UserError(f"config 'algorithm.lanpo.mix' has unknown mode '{k}'{did_you_mean(k, LANPO_MODES)}")
             if not v >= 0:
                 raise UserError(f"config 'algorithm.lanpo.mix.{k}' must be >= 0, got {v}")
         if sum(self.mix.values()) <= 0:

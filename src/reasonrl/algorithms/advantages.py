@@ -212,25 +212,32 @@ def check_lampo_options(tau: float, weight: str, normalize: str) -> float:
     return tau_f
 
 
-def lampo_block(r: Tensor, s: Tensor, tau: float, weight: str, normalize: str) -> tuple[Tensor, Tensor, Tensor]:
-    """SPEC §4 on `n` groups of equal size G: rewards and scores `[n, G]` → (advantages `[n, G]`, pair weights
-    w_ij `[n, G, G]` with 0 on the diagonal, pair mask `[G, G]`).
+def lampo_log_weights(r: Tensor, s: Tensor, tau: float, weight: str) -> Tensor:
+    """SPEC §4 confidence-aware pair weights, as log w_ij `[n, G, G]` for rewards and scores `[n, G]` (diagonal
+    included; callers mask it): `confidence` w_ij = σ((s_i − s_j)/τ); `preference` w_ij = σ(sign(R_i − R_j)(s_i −
+    s_j)/τ), the policy's probability of the correct preference; `lambdarank` w_ij = σ(−sign(R_i − R_j)(s_i − s_j)/τ),
+    emphasising mis-ranked pairs. Log-space, so that a tiny τ cannot underflow a whole row."""
+    x = (s[:, :, None] - s[:, None, :]) / tau
+    if weight == "preference":
+        x = torch.sign(r[:, :, None] - r[:, None, :]) * x
+    elif weight == "lambdarank":
+        x = -torch.sign(r[:, :, None] - r[:, None, :]) * x
+    return torch.nn.functional.logsigmoid(x)
 
-    `confidence` w_ij = σ((s_i − s_j)/τ); `preference` w_ij = σ(sign(R_i − R_j)(s_i − s_j)/τ), the policy's
-    probability of the correct preference; `lambdarank` w_ij = σ(−sign(R_i − R_j)(s_i − s_j)/τ), mis-ranked pairs.
-    A_i = Σ_{j≠i} w_ij (R_i − R_j) / Z_i with Z_i = Σ_{j≠i} w_ij (`weights`), G − 1 (`pairs`) or 1 (`none`).
+
+def lampo_block(r: Tensor, s: Tensor, tau: float, weight: str, normalize: str) -> tuple[Tensor, Tensor, Tensor]:
+    """SPEC §4 pairwise decomposed advantage on `n` groups of equal size G: rewards and scores `[n, G]` →
+    (advantages `[n, G]`, pair weights w_ij `[n, G, G]` with 0 on the diagonal, pair mask `[G, G]`).
+
+    A_i = Σ_{j≠i} w_ij (R_i − R_j) / Z_i with w_ij from `lampo_log_weights` and Z_i = Σ_{j≠i} w_ij (`weights`),
+    G − 1 (`pairs`) or 1 (`none`).
     """
     n, g = r.shape
     pairs = ~torch.eye(g, dtype=torch.bool, device=r.device)
     if g == 1:  # no pairs: advantage 0, not 0/0
         return torch.zeros_like(r), r.new_zeros(n, 1, 1), pairs
     dr = r[:, :, None] - r[:, None, :]
-    x = (s[:, :, None] - s[:, None, :]) / tau
-    if weight == "preference":
-        x = torch.sign(dr) * x
-    elif weight == "lambdarank":
-        x = -torch.sign(dr) * x
-    log_w = torch.nn.functional.logsigmoid(x).masked_fill(~pairs, float("-inf"))
+    log_w = lampo_log_weights(r, s, tau, weight).masked_fill(~pairs, float("-inf"))
     w = torch.exp(log_w)
     if normalize == "weights":
         # w_ij / Σ_j w_ij is unchanged by a per-row factor: shifting by the row's max log-weight keeps a tiny τ from

@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from reasonrl.data.problems import Problem
 from reasonrl.errors import UserError
 from reasonrl.lanpo.pool import MODES, ExperiencePool
@@ -109,6 +112,16 @@ def lesson_prompt(trajectories: Sequence[tuple[str, str, float]], templates: Tem
     """The lesson-writing prompt from (problem, response, reward) of *other* problems (rewards may show here)."""
     body = "".join(templates.trajectory.format(problem=p, response=r, reward=w) for p, r, w in trajectories)
     return templates.lesson.format(trajectories=body)
+
+
+def advantage_groups(group_ids: Tensor, modes: Sequence[str], scope: str) -> Tensor:
+    """SPEC §5 `lanpo.advantage_scope`: the groups advantages are computed over. `group` keeps each problem's G
+    rollouts together (all modes); `mode` splits them by the context mode they were sampled under."""
+    if scope == "group":
+        return group_ids
+    if scope != "mode":
+        raise ValueError(f"lanpo advantage_scope must be group or mode, got {scope!r}")
+    return group_ids * len(MODES) + torch.tensor([MODES.index(m) for m in modes], dtype=group_ids.dtype)
 
 
 def scratch_plans(problems: list[Problem], group_size: int) -> list[PromptPlan]:

@@ -43,9 +43,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
 
+from reasonrl.config import LANPO_MODES as MODES  # SPEC §5 context modes
+
 __all__ = ["MODES", "ExperiencePool", "PoolEntry", "idf", "term_counts", "tokenize"]
 
-MODES = ("scratch", "reflect", "abstract")
 _SCHEMA_VERSION = 1
 _CHUNK = 500  # ids per `IN (...)` list, well below SQLite's bound-parameter limit
 _TOKEN = re.compile("[a-z0-9]+|[-+*/^=<>%\u00d7\u00f7]")

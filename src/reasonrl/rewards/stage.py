@@ -239,10 +239,17 @@ class Rewards:
 
 
 def reward_spec(cfg: Any) -> tuple[list[str], list[float] | None]:
-    """(functions, weights) of `rewards.*`; LamPO adds the dense ROUGE-L reward with weight λ_sem (SPEC §4)."""
+    """(functions, weights) of `rewards.*`; LamPO adds the dense ROUGE-L reward with weight λ_sem (SPEC §4):
+    R_i = r_verify(o_i) + λ_sem · ROUGE-L-F1(o_i, reference). Listing `rouge_l` yourself as well is refused, since
+    one of the two weights would be silently ignored."""
     names, weights = list(cfg.rewards.functions), cfg.rewards.weights
     lam = cfg.algorithm.lampo
-    if cfg.algorithm.advantage == "lampo" and lam.lambda_sem > 0 and "rouge_l" not in names:
+    if cfg.algorithm.advantage == "lampo" and lam.lambda_sem > 0:
+        if "rouge_l" in names:
+            raise UserError(
+                "rewards.functions lists rouge_l and algorithm.lampo.lambda_sem adds it too; set "
+                "algorithm.lampo.lambda_sem=0 to weigh rouge_l with rewards.weights, or drop it from rewards.functions"
+            )
         weights = [*(weights or [1.0] * len(names)), lam.lambda_sem]
         names.append("rouge_l")
     return names, weights

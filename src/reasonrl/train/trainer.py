@@ -28,7 +28,7 @@ from reasonrl.data.sources import load_training_data
 from reasonrl.data.stream import ProblemStream
 from reasonrl.errors import UserError
 from reasonrl.evaluate import evaluate
-from reasonrl.lanpo.feedback import MODES, FeedbackBuilder, scratch_plans, templates_for
+from reasonrl.lanpo.feedback import FeedbackBuilder, advantage_groups, scratch_plans, templates_for
 from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
 from reasonrl.model.forward import resolve_forward
 from reasonrl.model.loading import load_policy
@@ -244,8 +244,8 @@ class Trainer:
         (`lanpo.advantage_scope=mode`)."""
         a, G = self.cfg.algorithm, batch.group_size
         group_ids = torch.arange(len(batch.problems)).repeat_interleave(G)
-        if self.feedback is not None and a.lanpo.advantage_scope == "mode":
-            group_ids = group_ids * len(MODES) + torch.tensor([MODES.index(p.mode) for p in batch.plans])
+        if self.feedback is not None:
+            group_ids = advantage_groups(group_ids, [p.mode for p in batch.plans], a.lanpo.advantage_scope)
         inputs = {}
         if "seq_scores" in algorithms.get_advantage(a.advantage).inputs:  # LamPO: from the rollout's log-probs
             inputs["seq_scores"] = algorithms.sequence_scores([c.logprobs for c in batch.completions], a.lampo.score)

@@ -164,7 +164,7 @@ class _LeanStack:
     (`signed_sin`), and one new query per row attending to the cached keys and values as transformers' eager
     attention computes it. The same values as the model's forward (bit for bit on the tiny Qwen2; float rounding at
     most), in 152 ops a step instead of 216 on the 4-layer default: at a small model's decode shapes each op costs
-    more than its arithmetic (docs/benchmarks.md, round 5).
+    more than its arithmetic (`git show d061be7:docs/benchmarks.md`, round 5).
 
     `build` gives None unless every projection is a plain `nn.Linear` (no LoRA or quantised layers), the norms are
     these families' RMSNorm in float32, and the MLP is their gated one (gate, up, down, act_fn); the decoder then

@@ -10,7 +10,7 @@ A task is a module-level function `fn(context, *args)` run in a worker on its in
 at the fork: the engine). `keep_freed_memory` is the glibc allocator setting that CPU training wants beside them.
 
 (Splitting the update pass between the processes the same way was measured too: no gain over two intra-op threads,
-which scale well on its large matmuls, so the update stays in this process; docs/benchmarks.md.)
+which scale well on its large matmuls, so the update stays in this process; `git show d061be7:docs/benchmarks.md`.)
 """
 
 from __future__ import annotations
