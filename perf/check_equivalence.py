@@ -151,6 +151,13 @@ def main() -> None:
     ap.add_argument("--baseline-src", required=True, help="root of the unoptimised source tree (holds src/reasonrl)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--one-pass-warmstart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="warm-start this checkout in one pass (warmstart.micro_tokens=0), as code before that option did; "
+        "--no-one-pass-warmstart when the baseline has the option too (e.g. the commit before a refactor)",
+    )
     ap.add_argument("overrides", nargs="*", help="dotted config overrides for every run (default: embedded default)")
     a = ap.parse_args()
     here = Path(__file__).resolve().parents[1] / "src"
@@ -161,7 +168,8 @@ def main() -> None:
         base, base_w = run("baseline", base_src, Path(tmp, "base"), a.steps, a.threads, a.overrides)
         results = [
             (f"rollout.engine={engine}", *run(engine, here, Path(tmp, engine), a.steps, a.threads,
-                                               [*a.overrides, *SAME_WARMSTART, f"rollout.engine={engine}"]))
+                                               [*a.overrides, *(SAME_WARMSTART if a.one_pass_warmstart else []),
+                                                f"rollout.engine={engine}"]))
             for engine in ("hf", "fast")
         ]  # fmt: skip
     all_ok = True
