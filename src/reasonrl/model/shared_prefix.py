@@ -128,8 +128,9 @@ def shared_prefix_logits(
         masks.append(_additive(allowed[:, None], dtype) if on_cpu else _mask(model, allowed[:, None]))
     at_all = torch.cat(at) if at else torch.zeros(0, dtype=torch.long, device=device)
     # On a CPU the blocks go through the model's eager attention (two matmuls and a float32 softmax): at these block
-    # sizes the fused sdpa kernel's forward and backward cost 1.7x as much (`git show d061be7:docs/benchmarks.md`); same values to float
-    # rounding. Elsewhere, the attention the model is configured with.
+    # sizes the fused sdpa kernel's forward and backward cost 1.7x as much (measured in the performance history,
+    # `git show d061be7:docs/benchmarks.md`); same values to float rounding. Elsewhere, the attention the model is
+    # configured with.
     function = parts[2] if on_cpu else parts[1]
     ids = torch.cat([prompt_ids.flatten()[p_index], completions[:, :-1].flatten()[at_all]])
     hidden = lm.model.embed_tokens(ids)[None]  # [1, Mp + M, H]: the run tokens in a row
@@ -170,7 +171,8 @@ def shared_prefix_logits(
 
 
 # Fixed cost of one more attention block, in units of the work a block grows by (one row x one query x one key):
-# about the cost of a block's 40-odd extra ops per layer, forward and backward, on a CPU (`git show d061be7:docs/benchmarks.md`).
+# about the cost of a block's 40-odd extra ops per layer, forward and backward, on a CPU (measured in the
+# performance history, `git show d061be7:docs/benchmarks.md`).
 BUCKET_OVERHEAD = 20_000.0
 
 
