@@ -175,3 +175,18 @@ def test_aggregate_matches_naive_and_splits_exactly(mode):
     assert full.item() == pytest.approx(naive_aggregate(per_token.tolist(), mask.tolist(), mode, 8), abs=1e-12)
     parts = sum(aggregate_loss(per_token[i : i + 2], mask[i : i + 2], mode, **counts) for i in range(0, 6, 2))
     assert parts.item() == pytest.approx(full.item(), abs=1e-12)
+
+
+def test_equal_non_dyadic_rewards_are_one_uninformative_group():
+    """SPEC §3 dynamic sampling drops groups whose rewards are all equal. [0.1] * 8 has a float32 std of ~8e-9, so a
+    std > 0 test would keep it; the exact comparison drops it, and GRPO / RLOO give it exactly zero advantages."""
+    assert float(torch.tensor([0.1] * 8).std()) > 0  # the residue the exact test must not be fooled by
+    assert algorithms.informative_groups([0.1] * 8, 8) == [False]
+    assert algorithms.informative_groups([0.1] * 7 + [0.2] + [1.0] * 8, 8) == [True, False]
+    rewards = torch.tensor([0.1] * 8 + [0.0, 1.0] * 4, dtype=torch.float64)
+    ids = torch.tensor([0] * 8 + [1] * 8)
+    for name in ("grpo", "rloo"):
+        adv = compute_advantages(name, rewards, ids)
+        assert torch.equal(adv[:8], torch.zeros(8)) and adv[8:].abs().min() > 0
+    for scale in ("group", "batch", "none"):
+        assert torch.equal(compute_advantages("grpo", rewards, ids, scale_rewards=scale)[:8], torch.zeros(8))

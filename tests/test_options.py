@@ -276,3 +276,18 @@ def test_rollout_workers_need_the_fast_engine(tiny_overrides):
                      [*tiny_overrides, "rollout.engine=hf", "rollout.workers=2"])  # fmt: skip
     assert "Traceback" not in msg
     assert load_config(None, [*tiny_overrides, "rollout.engine=hf", "rollout.workers=0"]).rollout.workers == 0
+
+
+def test_dynamic_sampling_drops_an_equal_non_dyadic_group_in_a_one_prompt_round(tiny_overrides, tmp_path):
+    overrides = [
+        "rewards.functions=[tests.conftest:constant_reward]", "rewards.weights=[1.0]", "rollout.prompts_per_step=1",
+        "algorithm.dynamic_sampling=true", "algorithm.max_resample=1",
+    ]  # fmt: skip
+    trainer = Trainer(load_config(None, [*tiny_overrides, *overrides]), tmp_path / "run")
+    try:
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        metrics = trainer.step()
+    finally:
+        trainer.close()
+    assert metrics["groups"] == 0 and metrics["dynamic_sampling/rounds"] == 2  # every round's one group dropped
+    assert not changed(trainer, before) and "loss" not in metrics

@@ -171,7 +171,7 @@ class Trainer:
             a = self.cfg.algorithm
             if not a.dynamic_sampling or batch.rounds > a.max_resample:
                 break
-        if not batch.empty:  # dynamic sampling may find no informative group: then nothing to learn this step
+        if batch.kept_groups:  # dynamic sampling may find no informative group (on any process): nothing to learn
             with timer.stage("advantages"):
                 self.compute_advantages(batch)
             with timer.stage("batching"):
@@ -186,7 +186,7 @@ class Trainer:
             metrics = self.metrics(batch)
         metrics.update(timer.metrics())
         metrics["time/step"] = step_time = self.procs.max(time.perf_counter() - start)  # the slowest process's
-        if not batch.empty:
+        if "tokens/generated" in metrics:
             metrics["tokens_per_s"] = metrics["tokens/generated"] / step_time
         return metrics
 
@@ -246,6 +246,9 @@ class Trainer:
         group_ids = torch.arange(len(batch.problems)).repeat_interleave(G)
         if self.feedback is not None:
             group_ids = advantage_groups(group_ids, [p.mode for p in batch.plans], a.lanpo.advantage_scope)
+        if batch.empty:  # this process's share is empty (several processes): the update still runs with the others
+            batch.group_ids, batch.advantages = group_ids, torch.zeros(0)
+            return
         inputs = {}
         if "seq_scores" in algorithms.get_advantage(a.advantage).inputs:  # LamPO: from the rollout's log-probs
             inputs["seq_scores"] = algorithms.sequence_scores([c.logprobs for c in batch.completions], a.lampo.score)
