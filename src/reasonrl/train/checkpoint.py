@@ -20,9 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from reasonrl.errors import UserError
+
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain Python values, so that `torch.load(weights_only=True)` reads it back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -96,7 +101,7 @@ def load_checkpoint(
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
-    blob = torch.load(path / "training_state.pt", weights_only=False)
+    blob = _load_training_state(path / "training_state.pt")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     states = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]  # a dict: single-process checkpoints
@@ -109,6 +114,24 @@ def load_checkpoint(
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
     return state
+
+
+def _load_training_state(file: Path) -> dict[str, Any]:
+    """The optimiser, scheduler and RNG states, unpickled with `weights_only=True`: a run directory is something
+    people share, and a crafted pickle must not run code on `--resume`. Checkpoints written before the RNG states
+    were stored as plain values hold numpy arrays; their reconstruction (data, not code) is allowed as well."""
+    import pickle
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{file} is not a reasonrl training state: it holds objects other than tensors and plain values, and "
+            "unpickling them could run code; resume from another checkpoint or start a new run"
+        ) from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
