@@ -93,9 +93,27 @@ class WarmstartConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Options of `rollout.engine=vllm` (one colocated vLLM instance per training process; docs/vllm.md)."""
+
+    gpu_memory_utilization: float = _opt(
+        0.3, "GPU: share of the GPU's memory vLLM may take (weights + KV cache)", gt=0, le=1
+    )
+    kv_cache_gb: float = _opt(1.0, "CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", gt=0)
+    max_model_len: int = _opt(4096, "longest prompt + completion vLLM accepts, in tokens", ge=1)
+    tensor_parallel_size: int = _opt(1, "GPUs one vLLM instance spans (1 in colocated mode on a CPU)", ge=1)
+    enforce_eager: bool = _opt(True, "no CUDA graphs (faster start, slower decode); CPU builds need true")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "vLLM's compute dtype; auto = the policy's dtype"
+    )
+    sleep: bool = _opt(False, "GPU: free vLLM's memory while the trainer updates (sleep mode); no effect on a CPU")
+
+
+@dataclass
 class RolloutConfig:
-    engine: Literal["fast", "hf"] = _opt(
-        "fast", "generation backend: fast (KV-cached sampling loop, same samples as hf) or hf (transformers.generate)"
+    engine: Literal["fast", "hf", "vllm"] = _opt(
+        "fast",
+        "generation backend: fast (KV-cached sampling loop, same samples as hf), hf (transformers.generate) or vllm",
     )
     group_size: int = _opt(8, "G: completions per prompt", ge=1)
     prompts_per_step: int = _opt(16, "prompts (groups) per training step", ge=1)
@@ -110,8 +128,20 @@ class RolloutConfig:
         "1 = off)",
         ge=0,
     )
+    is_correction: Literal["auto", "none", "tis", "mask"] = _opt(
+        "auto",
+        "train-inference mismatch (SPEC §7): tis weighs each token's loss by min(π_old/π_behaviour, is_cap), mask "
+        "drops tokens whose ratio is outside [1/is_cap, is_cap]; auto = tis for vllm, none for fast and hf",
+    )
+    is_cap: float = _opt(2.0, "C of is_correction: the weight cap (tis) or the ratio band (mask)", gt=1)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
+        if self.engine == "vllm" and (self.top_p < 1 or self.top_k > 0):
+            raise UserError(
+                "rollout.engine=vllm returns log-probs renormalised over the top-p / top-k tokens, not the behaviour "
+                "policy's; set rollout.top_p=1 and rollout.top_k=0, or use rollout.engine=fast or hf"
+            )
         if self.workers > 1 and self.engine != "fast":
             raise UserError(
                 f"config 'rollout.workers={self.workers}' needs rollout.engine=fast (transformers.generate cannot "

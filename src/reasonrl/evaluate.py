@@ -18,7 +18,7 @@ from reasonrl.data.prompts import prompt_ids
 from reasonrl.lanpo.feedback import reflect_prompt
 from reasonrl.rewards.math import extract_answer
 from reasonrl.rewards.stage import Rewards
-from reasonrl.rollout.base import SamplingParams, make_engine
+from reasonrl.rollout.base import RolloutEngine, SamplingParams, make_engine
 
 __all__ = ["evaluate", "majority_vote", "normalize_answer", "pass_at_k"]
 
@@ -163,7 +163,7 @@ def evaluate(
     batch_size: int = 256,
     system_prompt: str | None = None,
     reflect_template: str | None = None,
-    engine: str = "fast",
+    engine: str | RolloutEngine = "fast",
 ) -> dict[str, float]:
     """Accuracy of greedy decoding; with `reflect_template`, `feedback_accuracy` of a greedy second attempt at each
     problem that reflects on the first; and, when k > 1 or `samples` > 1, `samples` (default k) sampled completions
@@ -177,12 +177,13 @@ def evaluate(
 
     `verifier` must contain the `math_answer` function; its `correct` flags decide accuracy. The second prompt is
     the template filled with the problem and the first attempt's text only: its score never reaches the model.
-    `engine` is the rollout engine (`rollout.engine`); both decode greedily to the same tokens.
+    `engine` is the rollout engine: a name (`rollout.engine`: a fresh engine on `model` with `batch_size`), or an
+    engine object that holds its own weights (vLLM), which is used as it is rather than started a second time.
     """
     n = k if samples is None else samples
     if k < 1 or n < k:
         raise ValueError(f"evaluate needs 1 <= k <= samples (k={k}, samples={n})")
-    sampler = make_engine(engine, model, tokenizer, batch_size=batch_size)
+    sampler = make_engine(engine, model, tokenizer, batch_size=batch_size) if isinstance(engine, str) else engine
     prompts = [prompt_ids(tokenizer, p.prompt, system_prompt) for p in problems]
     columns = {
         "answer": [p.answer for p in problems],

@@ -21,7 +21,13 @@ from reasonrl.algorithms.advantages import (
     sequence_scores,
 )
 from reasonrl.algorithms.filters import informative_groups, truncation_mask
-from reasonrl.algorithms.losses import aggregate_loss, clipped_surrogate, guide_old_logprobs, kl_k3
+from reasonrl.algorithms.losses import (
+    aggregate_loss,
+    behaviour_weights,
+    clipped_surrogate,
+    guide_old_logprobs,
+    kl_k3,
+)
 
 __all__ = [
     "ADVANTAGES",
@@ -31,6 +37,7 @@ __all__ = [
     "NoOptions",
     "advantage_options",
     "aggregate_loss",
+    "behaviour_weights",
     "clipped_surrogate",
     "compute_advantages",
     "get_advantage",

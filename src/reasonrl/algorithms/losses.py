@@ -69,3 +69,21 @@ def guide_old_logprobs(old_logp: Tensor, behaviour_logp: Tensor, guide: Tensor) 
     `guide` [B] were sampled under a LANPO context that the loss strips; their π_old is the behaviour log-prob
     recorded under that context, not the plain prompt's."""
     return torch.where(guide[:, None], behaviour_logp, old_logp)
+
+
+IS_CORRECTIONS = ("none", "tis", "mask")
+
+
+def behaviour_weights(old_logp: Tensor, behaviour_logp: Tensor, mode: str, cap: float) -> Tensor:
+    """SPEC §7 train–inference mismatch: a detached per-token weight `[B, T]` on the policy loss, from the ratio
+    ρ = π_old / π_behaviour of the trainer's log-prob to the rollout engine's. `tis`: min(ρ, C) (truncated importance
+    sampling); `mask`: 1 where 1/C <= ρ <= C, else 0 (those tokens leave the policy loss; the normalisers of
+    `aggregate_loss` stay those of the batch); `none`: 1."""
+    if mode not in IS_CORRECTIONS:
+        raise ValueError(f"is_correction must be one of {', '.join(IS_CORRECTIONS)}, got {mode!r}")
+    if mode == "none":
+        return torch.ones_like(old_logp)
+    ratio = torch.exp(old_logp.detach() - behaviour_logp.detach())
+    if mode == "tis":
+        return ratio.clamp(max=cap)
+    return ((ratio >= 1 / cap) & (ratio <= cap)).to(old_logp.dtype)

@@ -51,10 +51,17 @@ class RolloutEngine(Protocol):
         """Release what the engine holds beyond the policy (worker processes, servers)."""
         ...
 
+    def sleep(self) -> None:
+        """Free what the engine can while the trainer updates (vLLM's sleep mode on a GPU); `generate` and
+        `load_weights` wake it."""
+        ...
+
 
 class _PolicyEngine:
     """An engine that samples from the policy module itself (no copy of its weights), `batch_size` sequences at a
     time (0: all at once); subclasses sample one chunk in `_generate_chunk`."""
+
+    shares_policy_weights = True  # evaluation may start another one on the same module, with its own batch size
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -69,6 +76,9 @@ class _PolicyEngine:
         self.model = model
 
     def close(self) -> None:
+        pass
+
+    def sleep(self) -> None:
         pass
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:

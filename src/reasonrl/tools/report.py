@@ -38,7 +38,8 @@ Record = dict[str, Any]
 NOT_STAGES = {"time/step", "time/elapsed", "time/total"}
 # pipeline order for the stacked bars; stages not listed follow alphabetically
 STAGE_ORDER = (
-    "prompts", "generation", "abstraction", "reward", "advantages", "batching", "logprobs", "update", "pool", "logging",
+    "prompts", "generation", "abstraction", "reward", "advantages", "batching", "logprobs", "update", "sync", "pool",
+    "logging",
 )  # fmt: skip
 # config keys in which seeds of one configuration may differ
 SEED_KEYS = {"train.seed", "train.run_name", "train.output_dir"}

@@ -59,6 +59,9 @@ class Trainer:
         if t.gradient_checkpointing:
             _enable_activation_checkpointing(self.model)
         self.rewards = build_rewards(cfg, self.tokenizer)
+        if cfg.rollout.engine == "vllm" and procs.world > 1 and runs_on_cpu(cfg.model.device):
+            raise UserError("rollout.engine=vllm under a multi-process launch needs one GPU per process; on a CPU "
+                            "train with one process (or rollout.engine=fast)")  # fmt: skip
         rollout = cfg.rollout if procs.world == 1 else dataclasses.replace(cfg.rollout, workers=1)  # processes
         self.engine = ENGINES[cfg.rollout.engine].from_config(self.model, self.tokenizer, rollout)  # share the cores
         ref_model = None
@@ -171,6 +174,7 @@ class Trainer:
             a = self.cfg.algorithm
             if not a.dynamic_sampling or batch.rounds > a.max_resample:
                 break
+        self.engine.sleep()  # vLLM on a GPU frees its memory for the update (`rollout.vllm.sleep`)
         if batch.kept_groups:  # dynamic sampling may find no informative group (on any process): nothing to learn
             with timer.stage("advantages"):
                 self.compute_advantages(batch)
@@ -180,6 +184,7 @@ class Trainer:
                 batch.old_logp, batch.ref_logp = self.updater.reference_logprobs(batch.micro_batches)
             with timer.stage("update"):
                 batch.update_metrics = self.updater.step(batch.micro_batches, batch.old_logp, batch.ref_logp)
+            with timer.stage("sync"):
                 self.sync_weights()
         self.record(batch)
         with timer.stage("logging"):
@@ -378,7 +383,8 @@ class Trainer:
             system_prompt=self.cfg.data.system_prompt,
             # LANPO runs also report feedback-augmented accuracy (a reward-agnostic second attempt, SPEC §5)
             reflect_template=self.feedback.templates.reflect if self.feedback is not None else None,
-            engine=self.cfg.rollout.engine,
+            # an engine with its own weights (vLLM) is reused; the policy's engines get a fresh one at eval's batch size
+            engine=self.cfg.rollout.engine if self.engine.shares_policy_weights else self.engine,
         )
         return self.procs.broadcast({f"eval/{k}": v for k, v in res.items()})
 

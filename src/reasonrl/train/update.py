@@ -57,6 +57,8 @@ class PolicyUpdate:
         self.cfg, self.procs, self.model, self.train_model = cfg, procs, model, train_model
         self.optimizer, self.scheduler, self.ref_model, self.device = optimizer, scheduler, ref_model, device
         self.pad_id = pad_id
+        r = cfg.rollout  # SPEC §7: `auto` corrects the mismatch where the behaviour log-probs come from another engine
+        self.is_correction = ("tis" if r.engine == "vllm" else "none") if r.is_correction == "auto" else r.is_correction
         self.forward = forward  # `train.forward` resolved for this model (`model.forward.resolve_forward`)
 
     @torch.no_grad()
@@ -103,15 +105,17 @@ class PolicyUpdate:
 
         Loss normalisers are counts over the global batch (all processes), and each process's loss is scaled by
         the process count, so the data-parallel gradient equals the one-process gradient (`distributed.py`)."""
-        a, t, procs = self.cfg.algorithm, self.cfg.train, self.procs
-        temp = self.cfg.rollout.temperature
+        a, t, r, procs = self.cfg.algorithm, self.cfg.train, self.cfg.rollout, self.procs
+        temp = r.temperature
         num_tokens = procs.sum(float(sum(mb.mask.sum() for mb in mbs)))
         num_seqs = procs.sum(float(sum((mb.mask.sum(-1) > 0).sum() for mb in mbs)))
         max_len = a.max_len_norm or self.cfg.rollout.max_new_tokens
         keys = ["loss", "entropy", "clip_low", "clip_high", "ratio"] + (["kl"] if a.beta > 0 else [])
         sums = dict.fromkeys(keys, 0.0)
+        # train-inference mismatch |log π_old − log π_behaviour| on the first pass, over sequences that ran forward
+        diff_sum, diff_tokens, diff_max, is_weight = 0.0, 0.0, 0.0, 0.0
         self.model.train()
-        for _ in range(a.num_iterations):
+        for iteration in range(a.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             backward = False
             for whole, whole_old, whole_ref in zip(mbs, old_logp, ref_logp, strict=True):
@@ -143,6 +147,19 @@ class PolicyUpdate:
                             logp, old, mb.advantages, mb.mask, eps_low=a.eps_low, eps_high=a.eps_high,
                             ratio_level=a.ratio_level,
                         )  # fmt: skip
+                        # SPEC §7: weigh the policy loss by π_old / π_behaviour (stripped LANPO rows excepted: their
+                        # Guide ratio already divides by the behaviour log-prob under the context)
+                        own = mb.mask * ~mb.guide[:, None]
+                        if iteration == 0:
+                            diff = (old - mb.behaviour_logp).abs() * own
+                            diff_sum, diff_tokens = diff_sum + float(diff.sum()), diff_tokens + float(own.sum())
+                            diff_max = max(diff_max, float(diff.max()) if diff.numel() else 0.0)
+                        if self.is_correction != "none":
+                            w = algorithms.behaviour_weights(old, mb.behaviour_logp, self.is_correction, r.is_cap)
+                            w = torch.where(mb.guide[:, None], torch.ones_like(w), w)
+                            per_token = per_token * w
+                            if iteration == 0:
+                                is_weight += float((w * own).sum())
                         if ref is not None:
                             kl = algorithms.kl_k3(logp, ref)
                             per_token = per_token + a.beta * kl
@@ -181,5 +198,11 @@ class PolicyUpdate:
         out["ratio/mean"] = sums["ratio"] / denom
         out["clip/region"] = out["clip/low"] + out["clip/high"]
         out["grad_norm"] = float(grad_norm)
+        diff_sum, diff_tokens, is_weight = procs.sum(diff_sum), procs.sum(diff_tokens), procs.sum(is_weight)
+        if diff_tokens:
+            out["rollout/logprob_diff/mean"] = diff_sum / diff_tokens
+            out["rollout/logprob_diff/max"] = procs.max(diff_max)
+            if self.is_correction != "none":
+                out["rollout/is_weight/mean"] = is_weight / diff_tokens
         self.model.eval()
         return out

