@@ -34,7 +34,7 @@ def run(src: Path, out: Path, overrides: list[str]) -> tuple[float, float, str]:
         raise SystemExit(f"{src}: {' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "demo" / "metrics.jsonl").read_text().splitlines()]
     steps = sum(r.get("time/step", 0.0) for r in records)
-    summary = next((line for line in res.stdout.splitlines() if "before RL" in line or "→" in line), "")
+    summary = next((line for line in res.stdout.splitlines() if line.startswith("eval accuracy")), "")
     return wall, steps, summary.strip()
 
 

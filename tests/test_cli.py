@@ -41,3 +41,27 @@ def test_user_errors(tmp_path, args, expected):
     assert errors == [errors[0]] and errors[0].startswith("reasonrl: error: ") and expected in errors[0], res.stderr
     assert "Traceback" not in res.stderr + res.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(_vllm_installed(), reason="vLLM is installed here: its absence cannot be shown")
+def test_vllm_engine_without_vllm_names_the_install_command(tiny_overrides):
+    res = run_cli("train", *tiny_overrides, "rollout.engine=vllm", "model.hidden_size=64", "model.num_heads=2")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "rollout.engine=vllm needs vLLM" in res.stderr and "pip install 'reasonrl[vllm]'" in res.stderr
+
+
+def test_vllm_under_several_cpu_processes_is_refused_before_launch(tiny_overrides):
+    res = run_cli("train", "--num-processes", "2", *tiny_overrides, "rollout.engine=vllm")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "needs one GPU per process" in res.stderr
+
+
+def test_vllm_with_top_p_is_refused():
+    res = run_cli("train", "rollout.engine=vllm", "rollout.top_p=0.9")
+    assert res.returncode == 2 and "set rollout.top_p=1 and rollout.top_k=0" in res.stderr

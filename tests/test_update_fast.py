@@ -8,6 +8,8 @@ every metric must agree to float rounding (gradients rtol 1e-4 / atol 1e-6, metr
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -117,3 +119,65 @@ def test_an_all_zero_advantage_batch_still_steps_the_optimiser(tiny_overrides, t
         trainer.close()
     assert all(g is not None and not g.any() for g in seen[0])
     assert metrics["loss"] == 0 and metrics["ratio/mean"] == pytest.approx(1.0) and metrics["entropy"] > 0
+
+
+def _naive_behaviour_weight(old: float, behaviour: float, mode: str, cap: float) -> float:
+    ratio = math.exp(old - behaviour)
+    if mode == "tis":
+        return min(ratio, cap)
+    return 1.0 if 1 / cap <= ratio <= cap else 0.0
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("mode", ["tis", "mask"])
+def test_is_correction_loss_equals_a_hand_built_reference(tiny_overrides, tmp_path, mode):
+    """SPEC §7: behaviour log-probs from another engine (simulated: the recorded ones shifted per token). With one
+    pass π_old = π_θ, so each token's loss is −A·w with w = min(π_old/π_behaviour, C) (tis) or 1/0 inside/outside
+    [1/C, C] (mask), computed here token by token in float64 from the generic forward's log-probs."""
+    cap = 1.5
+    cfg = load_config(None, [*tiny_overrides, f"rollout.is_correction={mode}", f"rollout.is_cap={cap}",
+                             "algorithm.loss_agg=token-mean"])  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run")
+    try:
+        prompts = [trainer._prompt_ids([p.prompt])[0] for p in trainer.stream.take(2)]
+        torch.manual_seed(0)
+        comps = trainer.engine.generate(prompts, 3, SamplingParams(12, 1.0))
+        gen = torch.Generator().manual_seed(1)
+        for c in comps:  # a mismatch of up to ±0.8 nats per token: some ratios beyond the cap, some within
+            c.logprobs = [lp + float(torch.empty(()).uniform_(-0.8, 0.8, generator=gen)) for lp in c.logprobs]
+        advantages = torch.tensor([1.0, -0.5, 0.25, -0.75, 0.5, -1.0])
+        mbs = make_micro_batches(comps, advantages, [True] * 6, 0, trainer.tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            logits = completion_logits(trainer.model, mbs[0].prompt_ids, mbs[0].prompt_mask, mbs[0].which,
+                                       mbs[0].targets, forward="generic")  # fmt: skip
+            logp = torch.log_softmax(logits.double(), -1).gather(-1, mbs[0].targets.unsqueeze(-1)).squeeze(-1)
+        total, tokens, weights = 0.0, 0, []
+        for i, c in enumerate(comps):
+            for t, behaviour in enumerate(c.logprobs):
+                w = _naive_behaviour_weight(float(logp[i, t]), behaviour, mode, cap)
+                total += -float(advantages[i]) * w
+                tokens += 1
+                weights.append(w)
+        trainer.optimizer.step = lambda: None
+        metrics = trainer.updater.step(mbs, [None], [None])
+    finally:
+        trainer.close()
+    if mode == "tis":  # some weights capped at C, the others the ratio itself
+        assert 0 < sum(w == cap for w in weights) < len(weights)
+    else:  # some tokens out of the band, the others kept
+        assert 0 < sum(w == 0 for w in weights) < len(weights)
+    assert metrics["loss"] == pytest.approx(total / tokens, abs=1e-5)
+    assert metrics["rollout/is_weight/mean"] == pytest.approx(sum(weights) / len(weights), abs=1e-5)
+    assert 0 < metrics["rollout/logprob_diff/mean"] <= metrics["rollout/logprob_diff/max"] <= 0.8 + 1e-4
+
+
+def test_is_correction_auto_is_off_for_the_policy_engines(tiny_overrides, tmp_path):
+    dense = ["rewards.functions=[tests.conftest:length_reward]", "rewards.weights=[1.0]"]  # rows that run forward
+    trainer = Trainer(load_config(None, [*tiny_overrides, *dense]), tmp_path / "run")
+    try:
+        assert trainer.updater.is_correction == "none"
+        metrics = trainer.step()
+    finally:
+        trainer.close()
+    assert "rollout/is_weight/mean" not in metrics
+    assert metrics["rollout/logprob_diff/max"] < 1e-4  # the fast engine's behaviour log-probs are the trainer's

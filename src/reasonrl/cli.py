@@ -283,6 +283,17 @@ def _launch(args: argparse.Namespace) -> int:
 
     if shutil.which("accelerate") is None:
         raise UserError("--num-processes needs the `accelerate` command (pip install accelerate)")
+    from reasonrl.config import load_config
+
+    cfg = load_config(Path(args.resume) / "config.yaml" if args.resume else args.config, args.overrides)
+    if cfg.rollout.engine == "vllm":
+        import torch
+
+        if not torch.cuda.is_available() or cfg.model.device == "cpu":
+            raise UserError(
+                "rollout.engine=vllm under a multi-process launch needs one GPU per process; on a CPU train with one "
+                "process (or rollout.engine=fast)"
+            )
     rest = _without_option(args.argv[args.argv.index("train") + 1 :], "--num-processes")
     # mixed precision comes from train.mixed_precision
     cmd = [

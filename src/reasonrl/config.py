@@ -100,7 +100,9 @@ class VLLMConfig:
         0.3, "GPU: share of the GPU's memory vLLM may take (weights + KV cache)", gt=0, le=1
     )
     kv_cache_gb: float = _opt(1.0, "CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", gt=0)
-    max_model_len: int = _opt(4096, "longest prompt + completion vLLM accepts, in tokens", ge=1)
+    max_model_len: int = _opt(
+        0, "longest prompt + completion vLLM accepts, in tokens (0 = the model's own limit)", ge=0
+    )
     tensor_parallel_size: int = _opt(1, "GPUs one vLLM instance spans (1 in colocated mode on a CPU)", ge=1)
     enforce_eager: bool = _opt(True, "no CUDA graphs (faster start, slower decode); CPU builds need true")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(

@@ -114,9 +114,24 @@ def register_engine(name: str) -> Callable[[type], type]:
     return wrap
 
 
+# engines whose module registers them when it is imported, which happens only once they are chosen (heavy imports)
+LAZY_ENGINES = {"vllm": "reasonrl.rollout.vllm"}
+
+
+def engine_class(name: str) -> Any:
+    """The engine class registered as `name` (`rollout.engine`), importing its module first if it is a lazy one."""
+    if name not in ENGINES and name in LAZY_ENGINES:
+        import importlib
+
+        importlib.import_module(LAZY_ENGINES[name])
+    if name not in ENGINES:
+        raise ValueError(
+            f"unknown rollout engine {name!r}; choose one of {', '.join(sorted({*ENGINES, *LAZY_ENGINES}))}"
+        )
+    return ENGINES[name]
+
+
 def make_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> RolloutEngine:
     """The rollout engine called `name` (`rollout.engine`), with its options (`batch_size`, the fast engine's
     `workers`). The built-in engines register when `reasonrl.rollout` is imported."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown rollout engine {name!r}; choose one of {', '.join(sorted(ENGINES))}")
-    return ENGINES[name](model, tokenizer, **options)
+    return engine_class(name)(model, tokenizer, **options)

@@ -78,7 +78,7 @@ class VLLMEngine:
                 dtype=dtype,
                 skip_tokenizer_init=True,
                 enforce_eager=options.enforce_eager,
-                max_model_len=options.max_model_len,
+                **({"max_model_len": options.max_model_len} if options.max_model_len else {}),
                 tensor_parallel_size=options.tensor_parallel_size,
                 logprobs_mode="processed_logprobs",
                 **({} if on_cpu else {"gpu_memory_utilization": options.gpu_memory_utilization}),

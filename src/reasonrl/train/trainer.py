@@ -33,7 +33,7 @@ from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
 from reasonrl.model.forward import resolve_forward
 from reasonrl.model.loading import load_policy
 from reasonrl.rewards.stage import build_rewards
-from reasonrl.rollout import ENGINES, SamplingParams
+from reasonrl.rollout import SamplingParams, engine_class
 from reasonrl.train.batch import Batch, Round, make_micro_batches, strip_contexts
 from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from reasonrl.train.distributed import Processes, runs_on_cpu
@@ -63,7 +63,7 @@ class Trainer:
             raise UserError("rollout.engine=vllm under a multi-process launch needs one GPU per process; on a CPU "
                             "train with one process (or rollout.engine=fast)")  # fmt: skip
         rollout = cfg.rollout if procs.world == 1 else dataclasses.replace(cfg.rollout, workers=1)  # processes
-        self.engine = ENGINES[cfg.rollout.engine].from_config(self.model, self.tokenizer, rollout)  # share the cores
+        self.engine = engine_class(cfg.rollout.engine).from_config(self.model, self.tokenizer, rollout)  # share cores
         ref_model = None
         if a.beta > 0 and not cfg.lora.enabled:  # k3 KL against the policy before RL; LoRA: the adapter-free base
             ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
