@@ -71,6 +71,11 @@ class VLLMEngine:
         self.model_dir = Path(tempfile.mkdtemp(prefix="reasonrl-vllm-"))
         model.save_pretrained(self.model_dir)
         dtype = options.dtype if options.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
+        # several training processes: each starts its own instance inside the existing process group (TRL's colocate
+        # mode); untested here, as no GPU has been lent to this project
+        import torch.distributed as dist
+
+        launched = {"distributed_executor_backend": "external_launcher"} if dist.is_initialized() else {}
         rng = torch.get_rng_state()  # vLLM seeds the global RNGs when it starts; the trainer's sampling must not move
         try:
             self.llm = vllm.LLM(
@@ -83,6 +88,7 @@ class VLLMEngine:
                 logprobs_mode="processed_logprobs",
                 **({} if on_cpu else {"gpu_memory_utilization": options.gpu_memory_utilization}),
                 **({"enable_sleep_mode": True} if options.sleep and not on_cpu else {}),
+                **launched,
             )
         finally:
             torch.set_rng_state(rng)
