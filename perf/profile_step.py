@@ -1,8 +1,8 @@
 """Where a training step's time goes, and how much of it is the model's own compute.
 
 For `--steps` steps (after `--warmup` untimed ones) of a real `Trainer.step()`, this reports the trainer's own
-stage timers (`time/*`: prompts, generation, reward, advantages, batching, logprobs, update, logging, and with LANPO
-pool and abstraction) and, right after each step, the model compute that step contained, timed on its own:
+stage timers (`time/*`: prompts, generation, reward, advantages, batching, logprobs, update, sync, logging, and with
+LANPO pool and abstraction) and, right after each step, the model compute that step contained, timed on its own:
 
 - generation compute: the fast engine's model calls replayed with the step's shapes (the same prompts, prefilled
   once each; one decode step per token with the batch rows the engine ran, the sampled tokens fed back), only the
@@ -142,7 +142,9 @@ def logprob_compute(trainer: Any, passes: list[tuple[Any, bool]]) -> float:
         sync(device)
         start = time.perf_counter()
         with torch.set_grad_enabled(grad):
-            logits = completion_logits(model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets, mb.lengths)
+            logits = completion_logits(
+                model, mb.prompt_ids, mb.prompt_mask, mb.which, mb.targets, mb.lengths, forward=trainer.updater.forward
+            )
             if grad:
                 logits.backward(torch.ones_like(logits))
         sync(device)
@@ -178,9 +180,16 @@ def profile(args: argparse.Namespace) -> None:
         passes: list[tuple[Any, bool]] = []
         real_token_logprobs = trainer_module_update.token_logprobs
 
-        def recording(model: Any, mb: Any, temperature: float, with_entropy: bool = False, chunk: int = 0) -> Any:
+        def recording(
+            model: Any,
+            mb: Any,
+            temperature: float,
+            with_entropy: bool = False,
+            chunk: int = 0,
+            forward: str = "generic",
+        ) -> Any:
             passes.append((mb, torch.is_grad_enabled()))
-            return real_token_logprobs(model, mb, temperature, with_entropy, chunk)
+            return real_token_logprobs(model, mb, temperature, with_entropy, chunk, forward)
 
         trainer_module_update.token_logprobs = recording
         rows = []

@@ -161,3 +161,14 @@ def test_num_processes_must_be_positive(capsys):
 
     assert main(["train", "--num-processes", "0"]) == 2
     assert "--num-processes" in capsys.readouterr().err
+
+
+def test_a_process_with_no_group_still_joins_the_update(tiny_overrides, tmp_path):
+    """One prompt per step on 2 processes: process 1's share is empty every step; it must take part in every
+    collective of the update (no hang) and the run must train."""
+    run = tmp_path / "runs" / "one-prompt"
+    dense = ["rewards.functions=[math_answer,tests.conftest:length_reward]", "rewards.weights=[1.0,1.0]"]
+    args = [*tiny_overrides, *dense, "rollout.prompts_per_step=1", "train.steps=2", "train.run_name=one-prompt"]
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", *args], timeout=300)
+    steps = [r for r in _records(run) if "time/step" in r]
+    assert [r["groups"] for r in steps] == [1, 1] and all(r["grad_norm"] > 0 for r in steps)

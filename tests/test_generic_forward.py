@@ -52,7 +52,7 @@ def test_gpt2_trains_through_the_generic_forward(tiny_overrides, tmp_path):
         trainer.close()
 
 
-def test_auto_forward_takes_the_shared_prefix_pass_only_where_it_is_tested(tiny_config):
+def test_auto_forward_takes_the_shared_prefix_pass_only_where_it_is_tested():
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

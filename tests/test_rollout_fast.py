@@ -294,8 +294,8 @@ def test_make_engine_and_the_trainers_default(tiny_config, tmp_path):
     try:
         assert isinstance(trainer.engine, FastEngine)
         assert isinstance(make_engine("hf", trainer.model, trainer.tokenizer), HFEngine)
-        with pytest.raises(ValueError, match="unknown rollout engine"):
-            make_engine("vllm", trainer.model, trainer.tokenizer)
+        with pytest.raises(ValueError, match="unknown rollout engine 'sglang'; choose one of fast, hf, vllm"):
+            make_engine("sglang", trainer.model, trainer.tokenizer)
     finally:
         trainer.close()
 

@@ -196,3 +196,11 @@ def test_a_crafted_training_state_cannot_run_code_on_resume(tiny_overrides, tmp_
     assert res.returncode == 2 and not marker.exists(), res.stderr
     assert "training_state.pt is not a reasonrl training state" in res.stderr and res.stderr.count("\n") == 1
     assert "Traceback" not in res.stderr
+
+
+def test_an_empty_share_makes_no_micro_batch():
+    """Under several processes a process may get no group (fewer prompts than processes, a one-prompt resampling
+    round); it still joins the update with no micro-batch."""
+    from reasonrl.train.batch import make_micro_batches
+
+    assert make_micro_batches([], torch.zeros(0), [], 0, 0, torch.device("cpu")) == []

@@ -113,3 +113,38 @@ def test_an_unsupported_head_size_is_refused_naming_the_sizes(tiny_overrides, tm
     cfg = load_config(None, [*tiny_overrides, "rollout.engine=vllm"])  # width 32, 2 heads: head size 16
     with pytest.raises(UserError, match=r"supports attention head sizes 32, 64, .*; this model's is 16"):
         Trainer(cfg, tmp_path / "run")
+
+
+def test_identical_prompts_in_one_call_get_independent_samples(tiny_overrides, tmp_path):
+    """LANPO sends a group's scratch prompts one by one (n = 1 each): each request has its own seed."""
+    trainer = Trainer(load_config(None, [*tiny_overrides, *VLLM, "warmstart.steps=0"]), tmp_path / "run")
+    try:
+        prompt = trainer._prompt_ids([trainer.problems[0].prompt])[0]
+        comps = trainer.engine.generate([prompt] * 6, 1, SamplingParams(max_new_tokens=16, temperature=1.0))
+    finally:
+        trainer.close()
+    assert len({tuple(c.token_ids) for c in comps}) > 1
+
+
+def test_resume_syncs_the_checkpoint_weights_and_eval_by_name_closes_its_engine(tiny_overrides, tmp_path):
+    from reasonrl.evaluate import evaluate
+
+    cfg = load_config(None, [*tiny_overrides, *VLLM, *DENSE, "train.run_name=r", "train.steps=3"])
+    run = tmp_path / "runs" / "r"
+    trainer = Trainer(cfg, run)
+    trainer.step()
+    trainer.global_step += 1
+    trainer.checkpoint()
+    trainer.close()
+    resumed = Trainer(cfg, run, resume=True)
+    try:
+        prompt = resumed._prompt_ids([resumed.problems[0].prompt])[0]
+        completion = resumed.tokenizer("7+8=15 \\boxed{15}", add_special_tokens=False)["input_ids"]
+        got = vllm_logprobs(resumed.engine, prompt, completion)
+        want = trainer_logprobs(resumed.model, prompt, completion, resumed.tokenizer.pad_token_id)
+        assert (got - want).abs().max() < 1e-4  # vLLM samples from the resumed weights, not the warm-start's
+        res = evaluate(resumed.model, resumed.tokenizer, resumed.eval_problems[:4], resumed.rewards,
+                       max_new_tokens=8, engine="vllm")  # fmt: skip
+        assert 0 <= res["accuracy"] <= 1
+    finally:
+        resumed.close()

@@ -237,7 +237,9 @@ class TrainConfig:
         None, "also stop once RL steps took this many seconds in all (sum of time/step; None = no limit)", gt=0
     )
     max_tokens: int | None = _opt(
-        None, "also stop once this many completion tokens were generated (sum of tokens/generated)", ge=1
+        None,
+        "also stop once this many completion tokens were generated (sum of tokens/sampled: every generated token)",
+        ge=1,
     )
     lr: float = _opt(3e-5, "learning rate", gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = _opt("constant", "after warmup")
@@ -480,5 +482,6 @@ def reference_markdown() -> str:
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key in all_keys():
         default, help_text = describe(key)
-        lines.append(f"| `{key}` | `{default!r}` | {help_text} |")
+        cell = help_text.replace("|", "\\|")  # a bare | would end the table cell
+        lines.append(f"| `{key}` | `{default!r}` | {cell} |")
     return "\n".join(lines) + "\n"

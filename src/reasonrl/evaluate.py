@@ -183,7 +183,28 @@ def evaluate(
     n = k if samples is None else samples
     if k < 1 or n < k:
         raise ValueError(f"evaluate needs 1 <= k <= samples (k={k}, samples={n})")
-    sampler = make_engine(engine, model, tokenizer, batch_size=batch_size) if isinstance(engine, str) else engine
+    own = isinstance(engine, str)  # an engine made here is closed here (vLLM: its process memory, temp files)
+    sampler = make_engine(engine, model, tokenizer, batch_size=batch_size) if own else engine
+    try:
+        return _evaluate(sampler, tokenizer, problems, verifier, max_new_tokens, k, n, temperature, system_prompt,
+                         reflect_template)  # fmt: skip
+    finally:
+        if own:
+            sampler.close()
+
+
+def _evaluate(
+    sampler: RolloutEngine,
+    tokenizer: Any,
+    problems: list[Problem],
+    verifier: Rewards,
+    max_new_tokens: int,
+    k: int,
+    n: int,
+    temperature: float,
+    system_prompt: str | None,
+    reflect_template: str | None,
+) -> dict[str, float]:
     prompts = [prompt_ids(tokenizer, p.prompt, system_prompt) for p in problems]
     columns = {
         "answer": [p.answer for p in problems],

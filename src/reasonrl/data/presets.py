@@ -11,7 +11,7 @@ download once and point ``reasonrl eval`` at the file::
 
 The layouts below are the public datasets' as published (columns checked against their dataset cards); every
 column a layout does not use is kept in ``Problem.metadata``. Errors in a file (a missing column, an empty cell, a
-GSM8K solution without ``####``) are the one-line ``UserError`` s of :mod:`reasonrl.data`, naming file and row.
+GSM8K solution without ``####``) are the one-line ``UserError`` s of :mod:`reasonrl.data.problems`, naming file and row.
 
 Prompts are ``template`` with ``{problem}`` replaced by the problem text (plain replacement, so the LaTeX braces
 of ``\\boxed{}`` need no escaping). The default appends the common instruction "Please reason step by step, and put

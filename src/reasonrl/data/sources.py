@@ -1,7 +1,7 @@
 """Where a run's problems come from: the user's files and datasets, or a named built-in source.
 
 Built-in sources register here (`register_source`); the embedded arithmetic task does so from `reasonrl.demo`, which
-the entry points (`reasonrl.api`, the CLI) import, so the core never imports the demo."""
+the entry points (`import reasonrl`, the CLI) import, so the core never imports the demo."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The embedded demo: a multi-digit addition task, a ~1M-parameter character-level Qwen2, and its cached
 supervised warm-start. Importing this package registers `data.source=arithmetic` and `model.name=tiny`; the
-entry points (`reasonrl.api`, the CLI) import it, the core never does."""
+entry points (`import reasonrl`, the CLI) import it, the core never does."""
 
 from __future__ import annotations
 

@@ -6,7 +6,12 @@ step. Engines register under the name `rollout.engine` selects:
 
 - `hf`: `transformers.generate`, the reference (`rollout/hf.py`);
 - `fast` (default): a hand-written KV-cached sampling loop for CPUs (`rollout/cpu/`), the same samples as `hf`
-  for the same seed.
+  for the same seed;
+- `vllm`: vLLM, colocated, with its own copy of the weights (`rollout/vllm.py`; imported only when chosen).
+
+An engine also has `sleep()` (free memory while the trainer updates; a no-op for most) and the class attribute
+`shares_policy_weights` (True when it samples from the policy module itself, so that evaluation may start another
+one on it at its own batch size; False when it holds its own copy, which evaluation then reuses).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
+    shares_policy_weights: bool
+
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
         """n completions per prompt, prompt-major: completions of prompt i are [i*n, (i+1)*n)."""
         ...
@@ -105,7 +112,8 @@ ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
 
 
 def register_engine(name: str) -> Callable[[type], type]:
-    """Register an engine class under `rollout.engine=name`; it is built as `cls(model, tokenizer, **options)`."""
+    """Register an engine class under `rollout.engine=name`. The trainer builds it with
+    `cls.from_config(model, tokenizer, rollout_config)`; `make_engine` as `cls(model, tokenizer, **options)`."""
 
     def wrap(cls: type) -> type:
         ENGINES[name] = cls

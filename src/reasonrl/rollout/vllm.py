@@ -58,13 +58,26 @@ class VLLMEngine:
 
     shares_policy_weights = False  # evaluation and lesson writing reuse this instance instead of making another
 
-    def __init__(self, model: Any, tokenizer: Any, options: Any, batch_size: int = 0) -> None:
+    def __init__(self, model: Any, tokenizer: Any, options: Any = None, batch_size: int = 0) -> None:
+        """`options`: the config's `rollout.vllm` section (default: its defaults). vLLM schedules its batches itself:
+        `batch_size` (`rollout.batch_size`) is accepted for the engine interface and not used."""
+        if options is None:
+            from reasonrl.config import VLLMConfig
+
+            options = VLLMConfig()
+        if hasattr(model, "peft_config"):
+            raise UserError("lora.enabled with rollout.engine=vllm is not supported yet; use rollout.engine=fast or hf")
+        if options.tensor_parallel_size > 1:
+            raise UserError(
+                "rollout.vllm.tensor_parallel_size > 1 is not supported yet (colocated mode runs one vLLM instance per "
+                "training process, on its own GPU); set it to 1"
+            )
         on_cpu = next(model.parameters()).device.type == "cpu"
         check_head_size(model, on_cpu)
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(options.kv_cache_gb))))
         vllm = _import_vllm()
-        self.tokenizer, self.batch_size, self.options = tokenizer, batch_size, options
+        self.tokenizer, self.options = tokenizer, options
         self.eos_ids = _eos_ids(model, tokenizer)
         self.sleeping = False
         # vLLM loads a model from a directory: the policy as it is now (its weights are replaced after every step)
@@ -73,9 +86,10 @@ class VLLMEngine:
         dtype = options.dtype if options.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
         # several training processes: each starts its own instance inside the existing process group (TRL's colocate
         # mode); untested here, as no GPU has been lent to this project
-        import torch.distributed as dist
-
-        launched = {"distributed_executor_backend": "external_launcher"} if dist.is_initialized() else {}
+        # (a launch sets WORLD_SIZE; vLLM itself initialises torch.distributed in-process, so that cannot tell)
+        launched = (
+            {"distributed_executor_backend": "external_launcher"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+        )
         rng = torch.get_rng_state()  # vLLM seeds the global RNGs when it starts; the trainer's sampling must not move
         try:
             self.llm = vllm.LLM(
@@ -99,19 +113,25 @@ class VLLMEngine:
         return cls(model, tokenizer, rollout.vllm, batch_size=rollout.batch_size)
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Completion]:
-        """n completions per prompt, prompt-major. The seed of each call is drawn from torch's RNG, so a run (and its
-        resume, which restores that RNG) samples reproducibly."""
+        """n completions per prompt, prompt-major. One base seed per call is drawn from torch's RNG, so a run (and its
+        resume, which restores that RNG) samples reproducibly; each request gets its own seed (vLLM gives a request's
+        n samples seed, seed + 1, ...), so identical prompts in one call still get independent samples."""
         self.wake_up()
         greedy = sampling.temperature == 0
-        params = self._vllm.SamplingParams(
-            n=1 if greedy else n,
-            temperature=0.0 if greedy else sampling.temperature,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,
-            detokenize=False,
-            stop_token_ids=list(self.eos_ids),
-            seed=int(torch.randint(2**31 - 1, (1,))),
-        )
+        k = 1 if greedy else n
+        base = int(torch.randint(2**30, (1,)))
+        params = [
+            self._vllm.SamplingParams(
+                n=k,
+                temperature=0.0 if greedy else sampling.temperature,
+                max_tokens=sampling.max_new_tokens,
+                logprobs=0,
+                detokenize=False,
+                stop_token_ids=list(self.eos_ids),
+                seed=base + i * k,
+            )
+            for i in range(len(prompts))
+        ]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         out: list[Completion] = []

@@ -49,7 +49,6 @@ class Batch:
     kept_groups: int = 0  # over all processes
     zero_std_groups: float | None = None  # share of the first round's groups (all processes) with equal rewards
     # from the advantages stage on
-    group_ids: Tensor | None = None
     advantages: Tensor | None = None  # [N]
     diagnostics: dict[str, float] = field(default_factory=dict)
     loss_mask: list[bool] = field(default_factory=list)
@@ -120,7 +119,7 @@ def make_micro_batches(
 ) -> list[MicroBatch]:
     """Split the step's sequences into micro-batches. Each keeps its distinct prompts once (left-padded) and its
     completions right-padded to its own longest one, so a group's G completions share one prompt pass."""
-    size = size or len(completions)
+    size = size or max(len(completions), 1)  # an empty share (several processes) gives no micro-batch
     guide_t = torch.tensor(guide if guide is not None else [False] * len(completions), dtype=torch.bool)
     out = []
     for lo in range(0, len(completions), size):

@@ -1,4 +1,4 @@
-"""The RL trainer: one step is one call per named stage over one `Batch` (SPEC data flow, DEVELOPERS.md):
+"""The RL trainer: one step is one call per named stage over one `Batch`, in the SPEC's data-flow order:
 
     prompts → generate → score → filter → advantages → batching → logprobs → update → sync weights → record
 
@@ -103,6 +103,7 @@ class Trainer:
             state = load_checkpoint(ckpt, self.model, optimizer, scheduler, procs.rank, procs.world)
             self.global_step, self.stream.cursor = state["step"], state["cursor"]
             self.elapsed, self.tokens_total = state.get("elapsed_seconds", 0.0), state.get("tokens_total", 0)
+            self.engine.load_weights(self.model)  # an engine with its own copy (vLLM) samples from the resumed weights
         self.pool, self.feedback = None, None
         if a.lanpo.enabled:
             self.pool, self.feedback = self._open_pool(resume)
@@ -174,7 +175,8 @@ class Trainer:
             a = self.cfg.algorithm
             if not a.dynamic_sampling or batch.rounds > a.max_resample:
                 break
-        self.engine.sleep()  # vLLM on a GPU frees its memory for the update (`rollout.vllm.sleep`)
+        with timer.stage("sync"):
+            self.engine.sleep()  # vLLM on a GPU frees its memory for the update (`rollout.vllm.sleep`)
         if batch.kept_groups:  # dynamic sampling may find no informative group (on any process): nothing to learn
             with timer.stage("advantages"):
                 self.compute_advantages(batch)
@@ -252,12 +254,11 @@ class Trainer:
         if self.feedback is not None:
             group_ids = advantage_groups(group_ids, [p.mode for p in batch.plans], a.lanpo.advantage_scope)
         if batch.empty:  # this process's share is empty (several processes): the update still runs with the others
-            batch.group_ids, batch.advantages = group_ids, torch.zeros(0)
+            batch.advantages = torch.zeros(0)
             return
         inputs = {}
         if "seq_scores" in algorithms.get_advantage(a.advantage).inputs:  # LamPO: from the rollout's log-probs
             inputs["seq_scores"] = algorithms.sequence_scores([c.logprobs for c in batch.completions], a.lampo.score)
-        batch.group_ids = group_ids
         batch.advantages = algorithms.compute_advantages(
             a.advantage,
             torch.tensor(batch.rewards, dtype=torch.float64),
