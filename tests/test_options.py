@@ -291,3 +291,35 @@ def test_dynamic_sampling_drops_an_equal_non_dyadic_group_in_a_one_prompt_round(
         trainer.close()
     assert metrics["groups"] == 0 and metrics["dynamic_sampling/rounds"] == 2  # every round's one group dropped
     assert not changed(trainer, before) and "loss" not in metrics
+
+
+def _update_after_steps(tiny_overrides, tmp_path, *extra: str, steps: int = 10) -> tuple[torch.Tensor, Trainer]:
+    dense = ["rewards.functions=[math_answer,tests.conftest:length_reward]", "rewards.weights=[1.0,1.0]"]
+    trainer = Trainer(load_config(None, [*tiny_overrides, *dense, "train.lr=1e-6", *extra]), tmp_path / "run")
+    try:
+        before = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
+        for _ in range(steps):
+            trainer.step()
+            trainer.global_step += 1
+        after = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
+    finally:
+        trainer.close()
+    return after - before, trainer
+
+
+def test_bf16_compute_keeps_float32_master_weights(tiny_overrides, tmp_path):
+    """`model.dtype=bfloat16` with `train.master_weights=fp32` (default): parameters and AdamW state stay float32,
+    the loss passes autocast to bf16, and 10 steps at lr 1e-6 move the weights as a float32 run does. With
+    `master_weights=model` the parameters are bf16 and most of those small updates round away."""
+    full, _ = _update_after_steps(tiny_overrides, tmp_path / "fp32", "model.dtype=float32")
+    mixed, trainer = _update_after_steps(tiny_overrides, tmp_path / "bf16", "model.dtype=bfloat16")
+    assert trainer.model.dtype == torch.float32 and trainer.procs.accelerator.mixed_precision == "bf16"
+    state = trainer.optimizer.state[next(iter(trainer.model.parameters()))]
+    assert state["exp_avg"].dtype == torch.float32
+    assert float(mixed.norm() / full.norm()) == pytest.approx(1.0, abs=0.01)  # the same step size
+    assert float(torch.nn.functional.cosine_similarity(mixed, full, dim=0)) > 0.99  # and direction
+    assert float((mixed != 0).float().mean()) > 0.99  # (bf16 gradients differ a little: 3 % relative here)
+    lossy, trainer = _update_after_steps(tiny_overrides, tmp_path / "bf16only", "model.dtype=bfloat16",
+                                         "train.master_weights=model")  # fmt: skip
+    assert trainer.model.dtype == torch.bfloat16
+    assert float((lossy != 0).float().mean()) < 0.5 and float(lossy.norm() / full.norm()) < 0.5

@@ -30,7 +30,9 @@ def _opt(default: Any, help: str, **bounds: float) -> Any:
 class ModelConfig:
     name: str = _opt("tiny", "'tiny' (built-in, random init + warm-start) or a local path / hub name")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
-        "auto", "weights dtype; auto = float32 on CPU, bf16 on GPU"
+        "auto",
+        "compute dtype; auto = float32 on CPU, bf16 on GPU. With train.master_weights=fp32 the parameters and AdamW "
+        "state stay float32 and the loss passes autocast to this dtype",
     )
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = _opt(False, "passed to from_pretrained")
@@ -259,6 +261,11 @@ class TrainConfig:
         True, "write every sampled completion, its context mode and prompt to completions.jsonl"
     )
     # GPU path (docs/scale-out.md); the defaults are exact float32 on the CPU.
+    master_weights: Literal["fp32", "model"] = _opt(
+        "fp32",
+        "fp32: trainable parameters and AdamW state in float32 whatever model.dtype (the loss passes autocast to "
+        "model.dtype); model: parameters in model.dtype (bf16-only training: small updates round away)",
+    )
     mixed_precision: Literal["none", "bf16", "fp16"] = _opt(
         "none", "autocast of the loss passes through accelerate (fp16 adds loss scaling); weights keep model.dtype"
     )

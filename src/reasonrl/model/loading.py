@@ -138,13 +138,28 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype the loss passes compute in: `model.dtype` (auto: bf16 on a GPU, float32 on a CPU)."""
+    return resolve_dtype(cfg.model.dtype, device)
+
+
+def parameter_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype the policy's weights are loaded in. `train.master_weights=fp32` (default): float32, so that AdamW
+    updates the parameters and keeps its state in float32 (an RL step at lr 1e-6 is below bf16's resolution) while
+    `model.dtype` is the compute dtype; under LoRA the frozen base stays in `model.dtype` and peft keeps the
+    adapters in float32. `model`: `model.dtype` itself."""
+    if cfg.train.master_weights == "fp32" and not cfg.lora.enabled:
+        return torch.float32
+    return compute_dtype(cfg, device)
+
+
 def load_policy(
     cfg: Config, problems: list, console: Any = None, device: torch.device | None = None
 ) -> tuple[Any, Any, torch.device]:
     """(model, tokenizer, device) for training: the warm-started tiny model or a pretrained one, with LoRA adapters
     when `lora.enabled`. `device`: the process's device under a multi-process launch (default: `model.device`)."""
     device = device or resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    dtype = parameter_dtype(cfg, device)
     if cfg.model.name not in BUILTIN_MODELS:
         model, tokenizer = _load_base(cfg, device, dtype)
         if cfg.lora.enabled:

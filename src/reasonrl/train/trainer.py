@@ -31,7 +31,7 @@ from reasonrl.evaluate import evaluate
 from reasonrl.lanpo.feedback import FeedbackBuilder, advantage_groups, scratch_plans, templates_for
 from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
 from reasonrl.model.forward import resolve_forward
-from reasonrl.model.loading import load_policy
+from reasonrl.model.loading import compute_dtype, load_policy
 from reasonrl.rewards.stage import build_rewards
 from reasonrl.rollout import SamplingParams, engine_class
 from reasonrl.train.batch import Batch, Round, make_micro_batches, strip_contexts
@@ -49,7 +49,7 @@ class Trainer:
             self.advantage_options = algorithms.advantage_options(a.advantage, a)
         except ValueError as e:
             raise UserError(str(e)) from None
-        self.procs = procs = Processes(t.mixed_precision, cpu=runs_on_cpu(cfg.model.device))
+        self.procs = procs = Processes(mixed_precision(cfg), cpu=runs_on_cpu(cfg.model.device))
         if procs.world > 1 and cfg.model.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"model.device={cfg.model.device} names one device; use auto under a multi-process launch")
         with procs.accelerator.main_process_first():  # process 0 builds (and caches) the warm-start, then the others
@@ -441,6 +441,17 @@ class Trainer:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.logger is not None:
             self.logger.log(step, metrics)
+
+
+def mixed_precision(cfg: Config) -> str:
+    """The loss passes' autocast: `train.mixed_precision` when set; else, with float32 master weights
+    (`train.master_weights=fp32`), `model.dtype` when that is bf16 or fp16 (so `model.dtype=bfloat16` means bf16
+    compute over float32 parameters, as mixed-precision training does)."""
+    t = cfg.train
+    if t.mixed_precision != "none" or t.master_weights != "fp32":
+        return t.mixed_precision
+    device = torch.device("cpu" if runs_on_cpu(cfg.model.device) else "cuda")
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype(cfg, device), "none")
 
 
 def _columns(rnd: Round, repeat: int) -> dict[str, list]:
