@@ -31,26 +31,25 @@ _MATH_CLOSERS = ("", "$", "$$", "\\]", "\\)")  # a boxed answer inside $...$ or 
 # ----------------------------------------------------------------------------------------------- answer extraction
 
 
+_BRACES = re.compile(r"\\.|[{}]", re.S)  # an escaped character (\{ and \} are literal in LaTeX), or a brace
+
+
 def _boxed_spans(text: str) -> list[tuple[int, int | None]]:
-    """(start of \\boxed, index just past its closing brace or None if unbalanced) for every \\boxed{ in text."""
-    spans: list[tuple[int, int | None]] = []
-    for m in _BOXED.finditer(text):
-        depth, i, end = 1, m.end(), None
-        while i < len(text):
-            ch = text[i]
-            if ch == "\\":  # \{ and \} are literal braces in LaTeX, not grouping
-                i += 2
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    end = i + 1
-                    break
-            i += 1
-        spans.append((m.start(), end))
-    return spans
+    """(start of \\boxed, index just past its closing brace or None if unbalanced) for every \\boxed{ in text.
+
+    One pass pairs every brace (a stack), then each box looks its brace up: linear in the text, however many boxes
+    are left open (a completion of unclosed boxes would cost a rescan to the end per box otherwise)."""
+    boxes = [(m.start(), m.end() - 1) for m in _BOXED.finditer(text)]
+    if not boxes:
+        return []
+    closing: dict[int, int] = {}  # index of each paired "{" -> index just past its "}"
+    open_braces: list[int] = []
+    for m in _BRACES.finditer(text):
+        if m.group() == "{":
+            open_braces.append(m.start())
+        elif m.group() == "}" and open_braces:
+            closing[open_braces.pop()] = m.end()
+    return [(start, closing.get(brace)) for start, brace in boxes]
 
 
 def extract_answer(text: str) -> str | None:
