@@ -279,3 +279,35 @@ def test_a_megabyte_of_unclosed_boxes_is_scored_in_linear_time():
     start = time.perf_counter()
     assert extract_answer(text) is None and format_reward([""], [text]) == [0.0]
     assert time.perf_counter() - start < 1.0
+
+
+def trl_style(completions, answer, **kwargs):
+    """TRL's convention: keyword arguments, the completions first; a positional call would pass the prompts here."""
+    assert all(c.startswith("C") for c in completions) and kwargs["prompts"] == ["P1", "P2"]
+    assert kwargs["completion_ids"] == [[1, 2], [3]] and kwargs["problem_id"] == ["a", "b"]
+    return [1.0 if c.endswith(a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
+async def async_reward(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def exits(prompts, completions, **kwargs):
+    raise SystemExit(0)
+
+
+def test_reward_functions_get_keyword_arguments_in_trl_convention():
+    with Rewards(["tests.test_rewards:trl_style", "tests.test_rewards:async_reward"], [1.0, 0.5]) as rewards:
+        out = rewards(
+            ["P1", "P2"], ["C 4", "C 5"], {"answer": ["4", "6"], "problem_id": ["a", "b"]}, completion_ids=[[1, 2], [3]]
+        )
+    assert out.per_function == {"tests.test_rewards:trl_style": [1.0, 0.0], "tests.test_rewards:async_reward": [3, 3]}
+    assert out.total == [2.5, 1.5]
+
+
+def test_sys_exit_inside_a_reward_function_is_a_clear_error():
+    with (
+        Rewards(["tests.test_rewards:exits"]) as rewards,
+        pytest.raises(UserError, match="'tests.test_rewards:exits' called sys.exit"),
+    ):
+        rewards(["p"], ["c"], {})

@@ -1,11 +1,14 @@
 """The reward stage: turn completions into scalar rewards, and the registry of reward functions.
 
-Reward functions follow TRL's convention: ``fn(prompts, completions, **columns) -> list[float | None]`` where the
-columns are dataset columns (``answer``, ``reference``, ``problem_id``, ...) and ``None`` means "no opinion"."""
+Reward functions follow TRL's convention: they are called with keyword arguments ``prompts``, ``completions``,
+``completion_ids`` and the dataset columns (``answer``, ``reference``, ``problem_id``) by name, and return one
+``float | None`` per completion (``None``: no opinion on that one). ``async def`` functions are awaited."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -101,6 +104,10 @@ def load_reward_function(name: str, *, timeout_s: float = 5.0, num_workers: int 
 # ----------------------------------------------------------------------------------------------- the stage
 
 
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 @dataclass
 class RewardOutput:
     """Rewards for one batch of completions."""
@@ -174,7 +181,15 @@ class Rewards:
             self.close()
             raise
 
-    def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardOutput:
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        columns: dict[str, list],
+        completion_ids: list[list[int]] | None = None,
+    ) -> RewardOutput:
+        """Every function called with keyword arguments, in TRL's convention: ``prompts``, ``completions``,
+        ``completion_ids`` (when known) and every column by name. An ``async def`` function is awaited."""
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"rewards: {len(prompts)} prompts but {n} completions")
@@ -182,13 +197,19 @@ class Rewards:
             if len(col) != n:
                 raise ValueError(f"rewards: column '{key}' has {len(col)} rows for {n} completions")
         per_function: dict[str, list[float | None]] = {}
+        kwargs: dict[str, Any] = {"prompts": list(prompts), "completions": list(completions), **columns}
+        if completion_ids is not None:
+            kwargs["completion_ids"] = completion_ids
         for name, fn in self.functions.items():
             try:
-                out = fn(list(prompts), list(completions), **columns)
+                out = fn(**kwargs)
+                if inspect.isawaitable(out):
+                    out = asyncio.run(_awaited(out))
             except UserError:
                 raise
-            except Exception as e:  # user code: report it as a config-level problem, one line
-                raise UserError(f"reward function '{name}' raised {type(e).__name__}: {e}") from e
+            except (Exception, SystemExit) as e:  # user code: report it as a config-level problem, one line
+                what = "called sys.exit" if isinstance(e, SystemExit) else f"raised {type(e).__name__}: {e}"
+                raise UserError(f"reward function '{name}' {what}") from e
             per_function[name] = _check_output(name, out, n)
 
         total: list[float] = []

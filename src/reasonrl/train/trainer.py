@@ -229,7 +229,10 @@ class Trainer:
             return
         G = self.cfg.rollout.group_size
         out = self.rewards(
-            [p.prompt for p in rnd.problems for _ in range(G)], [c.text for c in rnd.completions], _columns(rnd, G)
+            [p.prompt for p in rnd.problems for _ in range(G)],
+            [c.text for c in rnd.completions],
+            _columns(rnd, G),
+            completion_ids=[c.token_ids for c in rnd.completions],
         )
         rnd.rewards, rnd.reward_metrics = out.total, out.metrics
         rnd.correct = out.correct or [False] * len(rnd.completions)
