@@ -77,3 +77,15 @@ def test_configuration_doc_lists_every_option():
 
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     assert reference_markdown() in doc, "regenerate the table in docs/configuration.md from reference_markdown()"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.lr=nan", "train.lr=inf", "rollout.temperature=nan", "algorithm.eps_low=nan", "algorithm.eps_high=.nan",
+     "algorithm.beta=nan", "train.max_seconds=nan", "rewards.timeout_s=inf", "algorithm.lampo.tau=-inf"],
+)  # fmt: skip
+def test_non_finite_numbers_are_refused(override):
+    """NaN passes every bound (nan < x is False) and would train silently wrong; inf is no limit or no step."""
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"config '{key}' must be a finite number"):
+        load_config(None, [override])
