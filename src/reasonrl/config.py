@@ -437,10 +437,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
         elif isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value)
-            except ValueError:
-                pass
         if number is not None:
             if not math.isfinite(number):  # NaN passes every bound check (nan < x is False): refuse it here
                 raise UserError(f"config '{key}' must be a finite number, got {value!r}")
