@@ -6,6 +6,7 @@ Choices that the papers leave open are `Literal` fields: the validator rejects a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
