@@ -36,6 +36,9 @@ class FakeEngine:
         self.calls += 1
         return [Completion(p, [1, 2], [0.0, 0.0], False, t) for p, t in zip(prompts, texts, strict=True)]
 
+    def close(self) -> None:
+        pass
+
 
 @pytest.fixture
 def verifier():

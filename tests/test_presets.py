@@ -349,6 +349,9 @@ class ScriptedEngine:
         assert len(texts) == len(prompts) * n
         return [Completion([0], [1, 2], [0.0, 0.0], False, t) for t in texts]
 
+    def close(self) -> None:
+        pass
+
 
 EVAL_PROBLEMS = [Problem("a", "A?", "\\frac{1}{2}"), Problem("b", "B?", "7"), Problem("c", "C?", "C")]
 GREEDY = ["\\boxed{0.5}", "\\boxed{8}", "\\boxed{(C)}"]
@@ -441,6 +444,9 @@ def test_eval_command_metrics_per_dataset(tiny_overrides, tmp_path, monkeypatch,
                 script = texts[self.tokenizer.decode(p)]
                 out += [Completion(p, [1], [0.0], False, t) for t in (script[:1] if n == 1 else script[1 : 1 + n])]
             return out
+
+        def close(self):
+            pass
 
     class Tok:  # prompt ids are the prompt's characters, so the engine can look the prompt up
         chat_template = None
