@@ -351,6 +351,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from reasonrl.model.loading import load_pretrained, resolve_device, resolve_dtype
     from reasonrl.rewards.stage import Rewards
 
+    for flag, value in (("-k", args.k), ("--samples", args.samples), ("-n/--num-problems", args.num_problems)):
+        if value is not None and value < 1:  # 0 would silently mean "the default", a negative count a slice
+            raise UserError(f"{flag} must be >= 1, got {value}")
     run_cfg = Path(args.model, "config.yaml") if args.model else None
     base = load_config(run_cfg).to_dict() if run_cfg is not None and run_cfg.exists() else None
     cfg = load_config(args.config, args.overrides, base=base)
