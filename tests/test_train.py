@@ -204,3 +204,45 @@ def test_an_empty_share_makes_no_micro_batch():
     from reasonrl.train.batch import make_micro_batches
 
     assert make_micro_batches([], torch.zeros(0), [], 0, 0, torch.device("cpu")) == []
+
+
+WORKER_SCRIPT = """
+import sys, time
+from pathlib import Path
+import reasonrl
+from reasonrl.config import load_config
+from reasonrl.train.trainer import Trainer
+
+if __name__ == "__main__":
+    trainer = Trainer(load_config(None, sys.argv[2:]), Path(sys.argv[1]))
+    trainer.step()
+    print(" ".join(str(p.pid) for p in trainer.engine.pool.procs), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_rollout_workers_do_not_outlive_a_killed_trainer(tiny_overrides, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(WORKER_SCRIPT)
+    args = [*tiny_overrides, "rollout.workers=3", "train.tensorboard=false"]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run"), *args], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids), "a rollout worker outlived its killed trainer by more than 5 s"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent's reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

@@ -16,6 +16,7 @@ which scale well on its large matmuls, so the update stays in this process; `git
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -71,7 +72,9 @@ class Workers:
         self.procs: list[Any] = []
         for _ in range(count - 1):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker_loop, args=(context, theirs), name="reasonrl-worker", daemon=True)
+            proc = ctx.Process(
+                target=_worker_loop, args=(context, theirs, os.getpid()), name="reasonrl-worker", daemon=True
+            )
             proc.start()
             theirs.close()
             self.conns.append(mine)
@@ -161,11 +164,24 @@ def _died(proc: Any) -> str:
     return f"process {proc.pid} died (exit code {proc.exitcode})"
 
 
-def _worker_loop(context: Any, conn: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this worker when its parent dies, SIGKILL included (a killed trainer cannot stop
+    its workers, and a worker forked after another holds a copy of that one's pipe end, so it would never see EOF)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
+
+
+def _worker_loop(context: Any, conn: Any, parent: int) -> None:
     """Run the tasks this worker is sent until told to stop (None) or its parent goes away."""
     import gc
     import signal
 
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
     gc.freeze()  # the collector leaves the inherited objects alone, so their pages stay shared with the parent
     torch.set_num_threads(1)
