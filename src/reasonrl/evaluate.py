@@ -15,6 +15,7 @@ import torch
 
 from reasonrl.data.problems import Problem
 from reasonrl.data.prompts import prompt_ids
+from reasonrl.errors import UserError
 from reasonrl.lanpo.feedback import reflect_prompt
 from reasonrl.rewards.math import extract_answer
 from reasonrl.rewards.stage import Rewards
@@ -214,7 +215,10 @@ def _evaluate(
     greedy = sampler.generate(prompts, 1, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     out = verifier([p.prompt for p in problems], [c.text for c in greedy], columns)
     if out.correct is None:
-        raise ValueError("evaluation needs the math_answer reward function")
+        raise UserError(
+            "evaluation scores accuracy with the math_answer reward function, which rewards.functions does not list; "
+            "add it (weight 0 keeps it out of the training reward: rewards.weights)"
+        )
     metrics = {
         "accuracy": sum(out.correct) / len(problems),
         "truncated": sum(c.truncated for c in greedy) / len(problems),
