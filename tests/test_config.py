@@ -89,3 +89,13 @@ def test_non_finite_numbers_are_refused(override):
     key = override.split("=")[0]
     with pytest.raises(UserError, match=f"config '{key}' must be a finite number"):
         load_config(None, [override])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1.0e-5\n  steps: 3\n  lr: 1.0e-3\n")
+    with pytest.raises(UserError, match=r"run.yaml: key 'lr' is given twice \(line 4\); keep one"):
+        load_config(path)
+    path.write_text("train:\n  lr: 1.0e-5\nrollout:\n  lr: 1\n")  # the same name in two sections is no duplicate
+    with pytest.raises(UserError, match="unknown config key 'rollout.lr'"):
+        load_config(path)

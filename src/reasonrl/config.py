@@ -344,6 +344,23 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' is given twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
 ) -> Config:
@@ -354,7 +371,9 @@ def load_config(
         if not p.is_file():
             raise UserError(f"config file '{p}' not found")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as e:
+            raise UserError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
