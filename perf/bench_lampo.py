@@ -31,7 +31,7 @@ import torch
 
 from reasonrl.algorithms import compute_advantages
 from reasonrl.config import load_config
-from reasonrl.train.trainer import Trainer
+from reasonrl.training.trainer import Trainer
 
 TARGET = 0.01  # advantage time / step time
 WEIGHTS = ("confidence", "preference", "lambdarank")

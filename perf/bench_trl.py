@@ -241,7 +241,7 @@ def check_same_prompt_ids(model_dir: Path, prompts: list[tuple[str, str]]) -> No
 def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS | None = None) -> Result:
     """Build a reasonrl Trainer on the saved model; time `Trainer.step()` calls directly."""
     from reasonrl.config import load_config
-    from reasonrl.train.trainer import Trainer
+    from reasonrl.training.trainer import Trainer
 
     cfg = load_config(
         base={

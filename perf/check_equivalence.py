@@ -60,7 +60,7 @@ import json, sys, tempfile, torch
 from pathlib import Path
 from reasonrl.config import load_config
 try:  # the redesigned layout: Trainer.step() takes a step
-    from reasonrl.train.trainer import Trainer
+    from reasonrl.training.trainer import Trainer
     take_step = Trainer.step
 except ImportError:  # earlier trees: Trainer.train_step(), then the caller counts the step
     from reasonrl.trainer import Trainer

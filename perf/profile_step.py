@@ -157,8 +157,8 @@ def logprob_compute(trainer: Any, passes: list[tuple[Any, bool]]) -> float:
 def profile(args: argparse.Namespace) -> None:
     from reasonrl.config import load_config
     from reasonrl.model.loading import count_parameters
-    from reasonrl.train import trainer as trainer_module_trainer
-    from reasonrl.train import update as trainer_module_update
+    from reasonrl.training import trainer as trainer_module_trainer
+    from reasonrl.training import update as trainer_module_update
 
     overrides = [
         "train.tensorboard=false",

@@ -14,8 +14,8 @@ import torch
 from reasonrl import algorithms
 from reasonrl.config import load_config
 from reasonrl.rollout.base import SamplingParams
-from reasonrl.train.batch import make_micro_batches
-from reasonrl.train.trainer import Trainer
+from reasonrl.training.batch import make_micro_batches
+from reasonrl.training.trainer import Trainer
 
 
 def main(out: str, run_dir: str, *overrides: str) -> None:

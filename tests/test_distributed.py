@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reasonrl.train.checkpoint import latest_checkpoint
+from reasonrl.training.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # no GPU: accelerate's torchrun launcher falls back to gloo on the CPU

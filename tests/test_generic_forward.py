@@ -10,9 +10,9 @@ import torch
 from reasonrl.config import load_config
 from reasonrl.demo import arithmetic
 from reasonrl.model.forward import resolve_forward
-from reasonrl.train.batch import make_micro_batches
-from reasonrl.train.trainer import Trainer
-from reasonrl.train.update import token_logprobs
+from reasonrl.training.batch import make_micro_batches
+from reasonrl.training.trainer import Trainer
+from reasonrl.training.update import token_logprobs
 
 
 def tiny_gpt2(path) -> None:

@@ -21,7 +21,7 @@ from reasonrl.errors import UserError
 from reasonrl.lanpo import feedback
 from reasonrl.lanpo.feedback import ARITHMETIC, FeedbackBuilder, check_template, mode_counts
 from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
-from reasonrl.train.trainer import Trainer
+from reasonrl.training.trainer import Trainer
 
 # three problems seen every step, so that reflection has material from step 2 on; γ low enough that the built-in
 # task's problems (which share little text) find neighbours for abstraction
@@ -272,7 +272,7 @@ def test_context_in_loss_against_a_hand_built_example(tiny_overrides, tmp_path, 
     log-probs taken by hand: keep → π_θ(o|q,c) with π_old = π_θ (one pass); strip → π_θ(o|q) over the behaviour
     log-probs recorded under the context, clipped."""
     from reasonrl.rollout.base import Completion
-    from reasonrl.train.batch import make_micro_batches, strip_contexts
+    from reasonrl.training.batch import make_micro_batches, strip_contexts
 
     cfg = load_config(None, [*tiny_overrides, *LANPO, f"algorithm.lanpo.context_in_loss={context_in_loss}"])
     trainer = Trainer(cfg, tmp_path / "run")

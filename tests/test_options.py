@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reasonrl.config import load_config
-from reasonrl.train.trainer import Trainer, _lr_lambda
+from reasonrl.training.trainer import Trainer, _lr_lambda
 
 DENSE = ["rewards.functions=[math_answer, 'conftest:length_reward']", "rewards.weights=[1, 1]"]
 

@@ -28,9 +28,9 @@ from reasonrl.rollout.cpu import decode as rollout_decode
 from reasonrl.rollout.cpu import engine as rollout_engine
 from reasonrl.rollout.cpu.engine import FastEngine, _filter
 from reasonrl.rollout.hf import HFEngine
-from reasonrl.train.batch import make_micro_batches
-from reasonrl.train.trainer import Trainer
-from reasonrl.train.update import token_logprobs
+from reasonrl.training.batch import make_micro_batches
+from reasonrl.training.trainer import Trainer
+from reasonrl.training.update import token_logprobs
 
 TEXTS = ["Q: 7+5\n", "Q: 648+500\n", "Q: 12+345\n", "Q: 1+1\n", "Q: 99+999\n"]  # left padding: lengths 7 to 11
 

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from reasonrl.config import load_config
 from reasonrl.data.prompts import prompt_ids
-from reasonrl.train.batch import make_micro_batches
-from reasonrl.train.trainer import Trainer
-from reasonrl.train.update import token_logprobs
+from reasonrl.training.batch import make_micro_batches
+from reasonrl.training.trainer import Trainer
+from reasonrl.training.update import token_logprobs
 
 SPEC_METRICS = {
     "reward/mean",
@@ -176,7 +176,7 @@ class _RunsCode:
 def test_a_crafted_training_state_cannot_run_code_on_resume(tiny_overrides, tmp_path):
     """Checkpoints load with `weights_only=True`: a run directory received from someone else cannot run code on
     `--resume`; it fails with one line naming the file."""
-    from reasonrl.train.checkpoint import latest_checkpoint
+    from reasonrl.training.checkpoint import latest_checkpoint
 
     cfg = load_config(None, [*tiny_overrides, "train.run_name=r", "train.steps=3"])
     run = tmp_path / "runs" / "r"
@@ -201,7 +201,7 @@ def test_a_crafted_training_state_cannot_run_code_on_resume(tiny_overrides, tmp_
 def test_an_empty_share_makes_no_micro_batch():
     """Under several processes a process may get no group (fewer prompts than processes, a one-prompt resampling
     round); it still joins the update with no micro-batch."""
-    from reasonrl.train.batch import make_micro_batches
+    from reasonrl.training.batch import make_micro_batches
 
     assert make_micro_batches([], torch.zeros(0), [], 0, 0, torch.device("cpu")) == []
 
@@ -211,7 +211,7 @@ import sys, time
 from pathlib import Path
 import reasonrl
 from reasonrl.config import load_config
-from reasonrl.train.trainer import Trainer
+from reasonrl.training.trainer import Trainer
 
 if __name__ == "__main__":
     trainer = Trainer(load_config(None, sys.argv[2:]), Path(sys.argv[1]))

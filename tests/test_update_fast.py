@@ -17,8 +17,8 @@ from reasonrl import algorithms
 from reasonrl.config import load_config
 from reasonrl.model.forward import completion_logits
 from reasonrl.rollout.base import SamplingParams
-from reasonrl.train.batch import make_micro_batches
-from reasonrl.train.trainer import Trainer
+from reasonrl.training.batch import make_micro_batches
+from reasonrl.training.trainer import Trainer
 
 
 def _reference(trainer: Trainer, comps, advantages, loss_mask, ref_model, monkeypatch):

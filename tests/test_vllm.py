@@ -17,9 +17,9 @@ from reasonrl.config import load_config  # noqa: E402
 from reasonrl.errors import UserError  # noqa: E402
 from reasonrl.rollout.base import SamplingParams, make_engine  # noqa: E402
 from reasonrl.rollout.vllm import VLLMEngine  # noqa: E402
-from reasonrl.train.batch import make_micro_batches  # noqa: E402
-from reasonrl.train.trainer import Trainer  # noqa: E402
-from reasonrl.train.update import token_logprobs  # noqa: E402
+from reasonrl.training.batch import make_micro_batches  # noqa: E402
+from reasonrl.training.trainer import Trainer  # noqa: E402
+from reasonrl.training.update import token_logprobs  # noqa: E402
 
 # vLLM's CPU attention needs a head size it has kernels for (32 here: width 64, 2 heads)
 VLLM = ["rollout.engine=vllm", "model.hidden_size=64", "model.num_heads=2", "model.intermediate_size=128"]

@@ -2,6 +2,7 @@
 
 The public surface, imported lazily so that `import reasonrl` (and `reasonrl --help`) stays instant:
 
+- `train(model, train_dataset, reward_funcs, config, eval_dataset)`: a whole run in one call (`docs/api.md`);
 - `Config`, `load_config`: the configuration (`docs/configuration.md`);
 - `Trainer` (one `step()` per call), `run_training` (a whole run), `evaluate`;
 - the registries: `register_advantage` (advantage estimators), `register_reward` (reward functions),
@@ -18,10 +19,12 @@ from reasonrl import demo as _demo  # noqa: F401  (registers the embedded demo's
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "train": "reasonrl.api",
+    "Result": "reasonrl.api",
     "Config": "reasonrl.config",
     "load_config": "reasonrl.config",
-    "Trainer": "reasonrl.train.trainer",
-    "run_training": "reasonrl.train.run",
+    "Trainer": "reasonrl.training.trainer",
+    "run_training": "reasonrl.training.run",
     "evaluate": "reasonrl.evaluate",
     "register_advantage": "reasonrl.algorithms",
     "compute_advantages": "reasonrl.algorithms",

@@ -200,8 +200,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from reasonrl.config import load_config
     from reasonrl.rewards.stage import reward_spec
-    from reasonrl.train.distributed import rank_from_env, world_size_from_env
-    from reasonrl.train.run import finished_state, new_run_dir, resume_config, run_training
+    from reasonrl.training.distributed import rank_from_env, world_size_from_env
+    from reasonrl.training.run import finished_state, new_run_dir, resume_config, run_training
 
     console = _console()
     if rank_from_env() > 0:  # multi-process launch: process 0 speaks for the run
@@ -318,7 +318,7 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 
 def _print_feedback_summary(console: Any, run_dir: Path, eval_after: dict[str, float]) -> None:
     """SPEC §5: per-mode training accuracy and what the language feedback cost, over the whole run."""
-    from reasonrl.train.metrics import feedback_summary, read_metrics
+    from reasonrl.training.metrics import feedback_summary, read_metrics
 
     s = feedback_summary(read_metrics(run_dir))
     modes = ", ".join(
@@ -554,7 +554,7 @@ def _eval_only(cfg: Any) -> Any:
 
 def _model_path(model: str | None, cfg: Any) -> Path | str:
     """A run directory's final model (or latest checkpoint); the tiny warm-start; or a path / hub name as given."""
-    from reasonrl.train.checkpoint import latest_checkpoint
+    from reasonrl.training.checkpoint import latest_checkpoint
 
     if model is None:
         from reasonrl.data.sources import load_training_data

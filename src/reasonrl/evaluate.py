@@ -213,7 +213,7 @@ def _evaluate(
         "problem_id": [p.id for p in problems],
     }
     greedy = sampler.generate(prompts, 1, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-    out = verifier([p.prompt for p in problems], [c.text for c in greedy], columns)
+    out = verifier([p.prompt for p in problems], [c.text for c in greedy], columns, [c.token_ids for c in greedy])
     if out.correct is None:
         raise UserError(
             "evaluation scores accuracy with the math_answer reward function, which rewards.functions does not list; "
@@ -231,13 +231,18 @@ def _evaluate(
             1,
             SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
         )
-        res = verifier([p.prompt for p in problems], [c.text for c in second], columns)
+        res = verifier([p.prompt for p in problems], [c.text for c in second], columns, [c.token_ids for c in second])
         metrics["feedback_accuracy"] = sum(res.correct) / len(problems)
         metrics["feedback_truncated"] = sum(c.truncated for c in second) / len(problems)
     if n > 1:
         sampled = sampler.generate(prompts, n, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature))
         rep = {key: [v for v in vals for _ in range(n)] for key, vals in columns.items()}
-        res = verifier([p.prompt for p in problems for _ in range(n)], [c.text for c in sampled], rep)
+        res = verifier(
+            [p.prompt for p in problems for _ in range(n)],
+            [c.text for c in sampled],
+            rep,
+            [c.token_ids for c in sampled],
+        )
         flags = res.correct
         correct = [sum(flags[i * n : (i + 1) * n]) for i in range(len(problems))]
         metrics[f"mean@{k}"] = sum(correct) / (n * len(problems))

@@ -187,6 +187,17 @@ def load_problems(
     return problems
 
 
+def problems_from_rows(
+    rows: Iterable[Any], *, label: str = "train_dataset", columns: Mapping[str, str] | None = None
+) -> list[Problem]:
+    """Problems from in-memory rows (a list of dicts, or a `datasets.Dataset`, which iterates as dicts), validated as
+    a file's rows are; errors name `label` and the 1-based row."""
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+        raise UserError(f"{label} must be a list of dicts or a datasets.Dataset, got {type(rows).__name__}")
+    numbered = ((f"{label} row {i + 1}", row) for i, row in enumerate(rows))
+    return _build(numbered, label, ColumnLayout(columns), label, None)
+
+
 def write_jsonl(path: str | os.PathLike[str], problems: Iterable[Problem]) -> None:
     """Write problems as JSON lines that :func:`load_problems` reads back unchanged.
 

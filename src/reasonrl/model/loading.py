@@ -153,6 +153,24 @@ def parameter_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return compute_dtype(cfg, device)
 
 
+def adopt_policy(model: Any, tokenizer: Any, cfg: Config, device: torch.device | None = None) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, device) for a policy given as an object (the Python API): its tokenizer loaded from the
+    model's own directory when not given, padded on the left; the parameters moved to `model.device` (or `device`)
+    in the master-weights dtype (`parameter_dtype`)."""
+    if tokenizer is None:
+        path = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+        if not path:
+            raise UserError("a model given as an object needs its tokenizer: pass tokenizer=...")
+        tokenizer = _load_tokenizer(path, cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    device = device or resolve_device(cfg.model.device)
+    if not cfg.lora.enabled:
+        model = model.to(device=device, dtype=parameter_dtype(cfg, device))
+    return model, tokenizer, device
+
+
 def load_policy(
     cfg: Config, problems: list, console: Any = None, device: torch.device | None = None
 ) -> tuple[Any, Any, torch.device]:

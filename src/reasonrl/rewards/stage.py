@@ -156,8 +156,10 @@ class Rewards:
         timeout_s: float = 5.0,
         num_workers: int = 2,
         settings: dict[str, dict[str, Any]] | None = None,
+        callables: dict[str, RewardFunc] | None = None,
     ) -> None:
-        """``settings``: extra keyword arguments for built-in factories by name (e.g. ``rouge_l``'s ``tokenize``)."""
+        """``settings``: extra keyword arguments for built-in factories by name (e.g. ``rouge_l``'s ``tokenize``);
+        ``callables``: functions given as objects (the Python API), used for their names instead of loading them."""
         names = list(names)
         if not names:
             raise UserError("rewards: at least one reward function is needed")
@@ -175,6 +177,9 @@ class Rewards:
         self.functions: dict[str, RewardFunc] = {}
         try:
             for n in names:
+                if callables and n in callables:
+                    self.functions[n] = callables[n]
+                    continue
                 extra = (settings or {}).get(n, {})
                 self.functions[n] = load_reward_function(n, timeout_s=timeout_s, num_workers=num_workers, **extra)
         except BaseException:
@@ -276,12 +281,28 @@ def reward_spec(cfg: Any) -> tuple[list[str], list[float] | None]:
     return names, weights
 
 
-def build_rewards(cfg: Any, tokenizer: Any) -> Rewards:
+def reward_name(fn: Any) -> str:
+    """The name a reward function object is recorded under in `rewards.functions`: its import path
+    ``module:qualname`` (so a saved config names it), or its bare name when it has no importable path."""
+    if isinstance(fn, str):
+        return fn
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if module and qualname and "<" not in qualname and module != "__main__":
+        return f"{module}:{qualname}"
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def build_rewards(cfg: Any, tokenizer: Any, callables: dict[str, RewardFunc] | None = None) -> Rewards:
     names, weights = reward_spec(cfg)
     lam = cfg.algorithm.lampo
     settings = {}
     if lam.rouge_tokens == "model":
         settings["rouge_l"] = {"tokenize": lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]}
     return Rewards(
-        names, weights, timeout_s=cfg.rewards.timeout_s, num_workers=cfg.rewards.num_workers, settings=settings
+        names,
+        weights,
+        timeout_s=cfg.rewards.timeout_s,
+        num_workers=cfg.rewards.num_workers,
+        settings=settings,
+        callables=callables,
     )

@@ -309,8 +309,8 @@ def _run_all(plan: Plan, manifest: dict[str, Any], jobs: int, lock: int, console
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from reasonrl.train.checkpoint import latest_checkpoint
-    from reasonrl.train.run import finished_state
+    from reasonrl.training.checkpoint import latest_checkpoint
+    from reasonrl.training.run import finished_state
 
     runs, path = manifest["runs"], plan.out / MANIFEST
     todo: list[str] = []
@@ -430,7 +430,7 @@ def _start(plan: Plan, r: dict[str, Any], name: str, env: dict[str, str], lock: 
 
 
 def _finish(plan: Plan, r: dict[str, Any], code: int) -> None:
-    from reasonrl.train.run import finished_state
+    from reasonrl.training.run import finished_state
 
     r.update(exit_code=code, ended=_now())
     if code == 0 and finished_state(plan.out / r["dir"]) is not None:
@@ -512,8 +512,8 @@ def _fields(last: dict[str, Any], unit: str, total: float) -> dict[str, str]:
 
 def _result(run_dir: Path) -> dict[str, Any]:
     """A finished run's final numbers for the manifest and the table."""
-    from reasonrl.train.metrics import read_metrics
-    from reasonrl.train.run import finished_state
+    from reasonrl.training.metrics import read_metrics
+    from reasonrl.training.run import finished_state
 
     state = finished_state(run_dir) or {}
     evals = [m["eval/accuracy"] for m in read_metrics(run_dir) if "eval/accuracy" in m]

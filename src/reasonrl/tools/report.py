@@ -406,7 +406,7 @@ def summarize(group: Group, target: float) -> dict[str, Any]:
 
 def lanpo_summary(group: Group, warn: Warn = _stderr_warn) -> dict[str, float] | None:
     """`metrics.feedback_summary` of each seed, averaged over seeds (count-like totals too: they are per run)."""
-    from reasonrl.train.metrics import feedback_summary
+    from reasonrl.training.metrics import feedback_summary
 
     per_run = []
     for run in group.runs:

@@ -16,8 +16,8 @@ from torch import Tensor
 from reasonrl import algorithms
 from reasonrl.model.forward import completion_logits
 from reasonrl.model.logprobs import selected_logprobs
-from reasonrl.train.batch import MicroBatch, select_rows
-from reasonrl.train.distributed import Processes
+from reasonrl.training.batch import MicroBatch, select_rows
+from reasonrl.training.distributed import Processes
 
 
 def token_logprobs(

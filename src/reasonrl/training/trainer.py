@@ -23,6 +23,7 @@ import torch
 
 from reasonrl import algorithms
 from reasonrl.config import Config
+from reasonrl.data.problems import Problem
 from reasonrl.data.prompts import prompt_ids
 from reasonrl.data.sources import load_training_data
 from reasonrl.data.stream import ProblemStream
@@ -31,19 +32,37 @@ from reasonrl.evaluate import evaluate
 from reasonrl.lanpo.feedback import FeedbackBuilder, advantage_groups, scratch_plans, templates_for
 from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
 from reasonrl.model.forward import resolve_forward
-from reasonrl.model.loading import compute_dtype, load_policy
+from reasonrl.model.loading import adopt_policy, compute_dtype, load_policy
 from reasonrl.rewards.stage import build_rewards
 from reasonrl.rollout import SamplingParams, engine_class
-from reasonrl.train.batch import Batch, Round, make_micro_batches, strip_contexts
-from reasonrl.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from reasonrl.train.distributed import Processes, runs_on_cpu
-from reasonrl.train.metrics import MetricsLogger, StageTimer, step_metrics
-from reasonrl.train.update import PolicyUpdate
+from reasonrl.training.batch import Batch, Round, make_micro_batches, strip_contexts
+from reasonrl.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from reasonrl.training.distributed import Processes, runs_on_cpu
+from reasonrl.training.metrics import MetricsLogger, StageTimer, read_metrics, step_metrics
+from reasonrl.training.update import PolicyUpdate
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False, console: Any = None) -> None:
-        self.cfg, self.run_dir, self.console = cfg, run_dir, console
+    """A training run: `step()` takes one step, `train()` the whole run (evaluate, step, log, checkpoint).
+
+    Everything comes from `cfg` unless given as objects (the Python API, `reasonrl.training`): `model` and `tokenizer`
+    (a transformers causal LM and its tokenizer), `problems` / `eval_problems` (lists of `Problem`), `reward_funcs`
+    (name in `rewards.functions` -> callable)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        console: Any = None,
+        model: Any = None,
+        tokenizer: Any = None,
+        problems: list[Problem] | None = None,
+        eval_problems: list[Problem] | None = None,
+        reward_funcs: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg, self.run_dir, self.console, self.resumed = cfg, run_dir, console, resume
         a, t = cfg.algorithm, cfg.train
         try:  # fail fast on a typo, before any model work
             self.advantage_options = algorithms.advantage_options(a.advantage, a)
@@ -53,12 +72,18 @@ class Trainer:
         if procs.world > 1 and cfg.model.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"model.device={cfg.model.device} names one device; use auto under a multi-process launch")
         with procs.accelerator.main_process_first():  # process 0 builds (and caches) the warm-start, then the others
-            self.problems, self.eval_problems = load_training_data(cfg)
+            if problems is None:
+                self.problems, self.eval_problems = load_training_data(cfg)
+            else:
+                self.problems, self.eval_problems = problems, eval_problems or problems
             device = procs.device if procs.world > 1 else None
-            self.model, self.tokenizer, self.device = load_policy(cfg, self.problems, console, device)
+            if model is None:
+                self.model, self.tokenizer, self.device = load_policy(cfg, self.problems, console, device)
+            else:
+                self.model, self.tokenizer, self.device = adopt_policy(model, tokenizer, cfg, device)
         if t.gradient_checkpointing:
             _enable_activation_checkpointing(self.model)
-        self.rewards = build_rewards(cfg, self.tokenizer)
+        self.rewards = build_rewards(cfg, self.tokenizer, reward_funcs)
         if cfg.rollout.engine == "vllm" and procs.world > 1 and runs_on_cpu(cfg.model.device):
             raise UserError("rollout.engine=vllm under a multi-process launch needs one GPU per process; on a CPU "
                             "train with one process (or rollout.engine=fast)")  # fmt: skip
@@ -392,6 +417,65 @@ class Trainer:
         )
         return self.procs.broadcast({f"eval/{k}": v for k, v in res.items()})
 
+    def train(self, progress: Any = None) -> dict[str, Any]:
+        """The whole run: evaluate (unless resuming), step until `train.steps` or a budget (`train.max_seconds` /
+        `max_tokens`), logging and checkpointing as configured, evaluate, save `model/`, write the final checkpoint,
+        close. Returns a summary (eval before / after, steps, what stopped it). `progress`: a rich `Progress`."""
+        t = self.cfg.train
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir)}
+        try:
+            if not self.resumed:
+                before = self.evaluate()
+                self.log(0, before)
+                summary["eval_before"] = before
+            elif self.procs.is_main:
+                summary["eval_before"] = next((m for m in read_metrics(self.run_dir) if "eval/accuracy" in m), {})
+            task = progress.add_task("RL", total=t.steps, completed=self.global_step, status="") if progress else None
+            while self.stop_reason() is None:
+                metrics = self.step()
+                self.global_step += 1
+                # cumulative counters, so that reports can plot against wall-clock and tokens as well as steps
+                self.elapsed += metrics["time/step"]
+                self.tokens_total += int(metrics["tokens/sampled"])
+                metrics["time/elapsed"], metrics["tokens/total"] = self.elapsed, self.tokens_total
+                last = self.stop_reason() is not None  # the final eval and checkpoint follow the loop
+                if t.eval_every and self.global_step % t.eval_every == 0 and not last:
+                    metrics.update(self.evaluate())
+                self.log(self.global_step, metrics)
+                if progress is not None:
+                    progress.update(
+                        task,
+                        advance=1,
+                        status=f"reward {metrics.get('reward/mean', float('nan')):.3f} "
+                        f"acc {metrics.get('accuracy', float('nan')):.3f}" + _budget_status(self),
+                    )
+                if t.sample_every and self.global_step % t.sample_every == 0 and self.console is not None:
+                    for prompt, text, reward in self.last_samples:
+                        self.console.print(
+                            f"[dim]step {self.global_step} · reward {reward:.2f}[/dim] "
+                            f"{prompt.strip()!r} → {text.strip()!r}",
+                            highlight=False,
+                        )
+                if t.save_every and self.global_step % t.save_every == 0 and not last:
+                    self.checkpoint()
+            after = self.evaluate()
+            self.log(self.global_step, after)
+            summary["eval_after"] = after
+            if self.procs.is_main:
+                final = self.run_dir / "model"
+                self.model.save_pretrained(final)
+                self.tokenizer.save_pretrained(final)
+            self.checkpoint(finished=True)  # last: a run killed before this resumes from its previous checkpoint
+            summary.update(
+                step=self.global_step,
+                stopped_by=self.stop_reason(),
+                elapsed_seconds=self.elapsed,
+                tokens_total=self.tokens_total,
+            )
+        finally:
+            self.close()
+        return summary
+
     def stop_reason(self) -> str | None:
         """Which limit ends training now: `steps`, `max_seconds` or `max_tokens` (first reached), or None."""
         t = self.cfg.train
@@ -495,3 +579,10 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
         return 1.0
 
     return f
+
+
+def _budget_status(trainer: Trainer) -> str:
+    """How much of a seconds / tokens budget is spent, for the progress line (the bar itself counts steps)."""
+    t = trainer.cfg.train
+    out = f" · {trainer.elapsed:.1f}/{t.max_seconds:g} s" if t.max_seconds is not None else ""
+    return out + (f" · {trainer.tokens_total}/{t.max_tokens} tokens" if t.max_tokens is not None else "")
