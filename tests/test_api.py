@@ -104,3 +104,20 @@ def test_bad_datasets_are_one_line_errors(tmp_path):
                        run_dir=tmp_path / "a")  # fmt: skip
     with pytest.raises(UserError, match="train_dataset must be a list of dicts"):
         reasonrl.train(train_dataset="data.jsonl", config=API_CONFIG, run_dir=tmp_path / "b")
+
+
+def difficulty_seen(completions, difficulty, **kwargs):
+    """Every dataset column reaches a reward function by name (here `difficulty`, an extra column)."""
+    assert set(difficulty) <= {"easy", "hard"}
+    return [0.5 if d == "hard" else 0.0 for d in difficulty]
+
+
+def test_extra_dataset_columns_reach_reward_functions(tmp_path):
+    import reasonrl
+
+    rows = [{**r, "difficulty": "hard" if i % 2 else "easy"} for i, r in enumerate(_rows(8))]
+    result = reasonrl.train(train_dataset=rows, eval_dataset=rows[:4], reward_funcs=["math_answer", difficulty_seen],
+                            config=API_CONFIG, run_dir=tmp_path / "run")  # fmt: skip
+    steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    means = [r[k] for r in steps for k in r if k.endswith("difficulty_seen/mean")]
+    assert means and all(0 <= m <= 0.5 for m in means)

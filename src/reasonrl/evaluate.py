@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from reasonrl.data.problems import Problem
+from reasonrl.data.problems import Problem, reward_columns
 from reasonrl.data.prompts import prompt_ids
 from reasonrl.errors import UserError
 from reasonrl.lanpo.feedback import reflect_prompt
@@ -207,11 +207,7 @@ def _evaluate(
     reflect_template: str | None,
 ) -> dict[str, float]:
     prompts = [prompt_ids(tokenizer, p.prompt, system_prompt) for p in problems]
-    columns = {
-        "answer": [p.answer for p in problems],
-        "reference": [p.reference for p in problems],
-        "problem_id": [p.id for p in problems],
-    }
+    columns = reward_columns(problems)
     greedy = sampler.generate(prompts, 1, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     out = verifier([p.prompt for p in problems], [c.text for c in greedy], columns, [c.token_ids for c in greedy])
     if out.correct is None:

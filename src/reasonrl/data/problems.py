@@ -187,6 +187,26 @@ def load_problems(
     return problems
 
 
+RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "answer", "reference", "problem_id")
+
+
+def reward_columns(problems: list[Problem], repeat: int = 1) -> dict[str, list]:
+    """The columns reward functions receive by name, one entry per completion (each problem `repeat` times):
+    `answer`, `reference`, `problem_id`, and every other dataset column the problems carry (`metadata`; None where
+    a problem lacks it). A column named like one of the reward call's own arguments is not passed."""
+    extra: dict[str, None] = {}
+    for p in problems:
+        extra.update(dict.fromkeys(k for k in p.metadata if k not in RESERVED_COLUMNS))
+    cols: dict[str, list] = {"answer": [], "reference": [], "problem_id": [], **{k: [] for k in extra}}
+    for p in problems:
+        cols["answer"] += [p.answer] * repeat
+        cols["reference"] += [p.reference] * repeat
+        cols["problem_id"] += [p.id] * repeat
+        for k in extra:
+            cols[k] += [p.metadata.get(k)] * repeat
+    return cols
+
+
 def problems_from_rows(
     rows: Iterable[Any], *, label: str = "train_dataset", columns: Mapping[str, str] | None = None
 ) -> list[Problem]:

@@ -23,7 +23,7 @@ import torch
 
 from reasonrl import algorithms
 from reasonrl.config import Config
-from reasonrl.data.problems import Problem
+from reasonrl.data.problems import Problem, reward_columns
 from reasonrl.data.prompts import prompt_ids
 from reasonrl.data.sources import load_training_data
 from reasonrl.data.stream import ProblemStream
@@ -256,7 +256,7 @@ class Trainer:
         out = self.rewards(
             [p.prompt for p in rnd.problems for _ in range(G)],
             [c.text for c in rnd.completions],
-            _columns(rnd, G),
+            reward_columns(rnd.problems, G),
             completion_ids=[c.token_ids for c in rnd.completions],
         )
         rnd.rewards, rnd.reward_metrics = out.total, out.metrics
@@ -539,15 +539,6 @@ def mixed_precision(cfg: Config) -> str:
         return t.mixed_precision
     device = torch.device("cpu" if runs_on_cpu(cfg.model.device) else "cuda")
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute_dtype(cfg, device), "none")
-
-
-def _columns(rnd: Round, repeat: int) -> dict[str, list]:
-    cols: dict[str, list] = {"answer": [], "reference": [], "problem_id": []}
-    for p in rnd.problems:
-        cols["answer"] += [p.answer] * repeat
-        cols["reference"] += [p.reference] * repeat
-        cols["problem_id"] += [p.id] * repeat
-    return cols
 
 
 def _mean_over_processes(procs: Processes, values: dict[str, float], weight: float) -> dict[str, float]:
