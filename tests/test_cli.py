@@ -77,3 +77,31 @@ def test_a_run_without_math_answer_fails_at_eval_with_one_line(tiny_overrides):
     res = run_cli("train", *tiny_overrides, "rewards.functions=[format]", "rewards.weights=[1.0]")
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert "add it (weight 0 keeps it out of the training reward" in res.stderr
+
+
+def test_print_config_gives_a_config_file_that_loads_unchanged(tmp_path):
+    from reasonrl.config import load_config
+
+    res = run_cli("train", "--print-config", "rollout.group_size=4", "algorithm.advantage=lampo")
+    assert res.returncode == 0, res.stderr
+    path = tmp_path / "printed.yaml"
+    path.write_text(res.stdout)
+    cfg = load_config(path)
+    assert cfg == load_config(None, ["rollout.group_size=4", "algorithm.advantage=lampo"])
+    assert cfg.rollout.group_size == 4 and "train:" in res.stdout and "lr:" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("num_generations=4", "rollout.group_size"), ("train.learning_rate=1e-6", "train.lr"),
+     ("max_completion_length=256", "rollout.max_new_tokens"), ("use_vllm=true", "rollout.engine=vllm")],
+)  # fmt: skip
+def test_trl_field_names_get_the_reasonrl_key(override, expected):
+    res = run_cli("train", "--print-config", override)
+    assert res.returncode == 2 and f"did you mean '{expected}'? " in res.stderr and "GRPOConfig" in res.stderr
+
+
+def test_every_trl_mapping_names_a_real_key():
+    from reasonrl.config import TRL_KEYS, all_keys
+
+    assert {v.split("=")[0] for v in TRL_KEYS.values()} <= set(all_keys())

@@ -99,3 +99,12 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
     path.write_text("train:\n  lr: 1.0e-5\nrollout:\n  lr: 1\n")  # the same name in two sections is no duplicate
     with pytest.raises(UserError, match="unknown config key 'rollout.lr'"):
         load_config(path)
+
+
+def test_configuration_doc_has_the_trl_table():
+    from pathlib import Path
+
+    from reasonrl.config import trl_markdown
+
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert trl_markdown() in doc, "regenerate the 'Coming from TRL' table in docs/configuration.md"

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config file (see recipes/)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (every key, with --config and overrides applied) as YAML and exit; "
+        "the output is a valid --config file",
+    )
+    train.add_argument(
         "--num-processes",
         type=int,
         default=1,
@@ -192,6 +198,12 @@ def _console() -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.print_config:
+        from reasonrl.config import load_config
+
+        cfg = load_config(Path(args.resume) / "config.yaml" if args.resume else args.config, args.overrides)
+        sys.stdout.write(cfg.to_yaml())
+        return 0
     if args.num_processes < 1:
         raise UserError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:

@@ -324,8 +324,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """Every option, resolved, as YAML that `load_config` (and `reasonrl train --config`) reads back unchanged."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -405,6 +409,59 @@ def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
             into[k] = v
 
 
+# TRL GRPOConfig field -> the reasonrl key (and value, where the meaning needs one) that does the same job
+TRL_KEYS: dict[str, str] = {
+    "num_generations": "rollout.group_size",
+    "learning_rate": "train.lr",
+    "max_completion_length": "rollout.max_new_tokens",
+    "max_steps": "train.steps",
+    "temperature": "rollout.temperature",
+    "top_p": "rollout.top_p",
+    "top_k": "rollout.top_k",
+    "beta": "algorithm.beta",
+    "epsilon": "algorithm.eps_low",
+    "epsilon_high": "algorithm.eps_high",
+    "loss_type": "algorithm.loss_agg",
+    "scale_rewards": "algorithm.scale_rewards",
+    "num_iterations": "algorithm.num_iterations",
+    "importance_sampling_level": "algorithm.ratio_level",
+    "mask_truncated_completions": "algorithm.mask_truncated",
+    "reward_weights": "rewards.weights",
+    "reward_funcs": "rewards.functions",
+    "use_vllm": "rollout.engine=vllm",
+    "vllm_gpu_memory_utilization": "rollout.vllm.gpu_memory_utilization",
+    "vllm_tensor_parallel_size": "rollout.vllm.tensor_parallel_size",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "max_grad_norm": "train.max_grad_norm",
+    "weight_decay": "train.weight_decay",
+    "lr_scheduler_type": "train.lr_schedule",
+    "warmup_steps": "train.warmup_steps",
+    "bf16": "model.dtype=bfloat16",
+    "seed": "train.seed",
+    "output_dir": "train.output_dir",
+    "run_name": "train.run_name",
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
+    "report_to": "train.tensorboard",
+}
+
+
+def trl_markdown() -> str:
+    """The "coming from TRL" table of docs/configuration.md (a test keeps the doc in sync)."""
+    rows = [f"| `{field}` | `{key}` |" for field, key in TRL_KEYS.items()]
+    return "\n".join(["| TRL `GRPOConfig` | reasonrl |", "| --- | --- |", *rows]) + "\n"
+
+
+def _suggestion(key: str) -> str:
+    """' (did you mean ...)' for an unknown key: the reasonrl key of a TRL GRPOConfig field (also under any section,
+    e.g. `train.learning_rate`), else the closest key by spelling."""
+    trl = TRL_KEYS.get(key.rsplit(".", 1)[-1])
+    if trl is not None:
+        return f" (did you mean '{trl}'? '{key.rsplit('.', 1)[-1]}' is TRL's GRPOConfig name)"
+    return did_you_mean(key, all_keys())
+
+
 def build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     """Construct dataclass `cls` from a nested dict, checking keys, types and bounds."""
     if not isinstance(data, dict):
@@ -415,7 +472,7 @@ def build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise UserError(f"unknown config key '{full}'{did_you_mean(full, all_keys())}")
+            raise UserError(f"unknown config key '{full}'{_suggestion(full)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = build(hint, value if value is not None else {}, f"{full}.")
