@@ -110,12 +110,9 @@ def _config(config: dict[str, Any] | Config | None) -> Config:
         return load_config()
     if not isinstance(config, dict):
         raise UserError(f"config must be a reasonrl Config or a dict of overrides, got {type(config).__name__}")
-    dotted = {k: v for k, v in config.items() if "." in k}
     nested = {k: v for k, v in config.items() if "." not in k}
-    cfg = load_config(None, base=nested) if nested else load_config()
-    for key, value in dotted.items():
-        cfg = load_config(None, [_override(key, value)], base=cfg.to_dict())
-    return cfg
+    overrides = [_override(k, v) for k, v in config.items() if "." in k]  # applied over the nested ones
+    return load_config(None, overrides, base=nested)
 
 
 def _override(key: str, value: Any) -> str:

@@ -20,10 +20,12 @@ from reasonrl.rewards.math import MathAnswerReward, format_reward
 from reasonrl.rewards.rouge import RougeLReward
 
 RewardFunc = Callable[..., list[float | None]]
-
+"""``fn(*, prompts, completions, completion_ids, **columns) -> list[float | None]`` (one entry per completion),
+called with keyword arguments; ``async def`` functions are awaited."""
 
 RewardFactory = Callable[..., RewardFunc]
-
+"""Built-in reward factory: ``factory(timeout_s=..., num_workers=...)`` returns a reward function, optionally with
+``close()``. Factories (not plain functions) so that resources such as worker pools belong to whoever made them."""
 
 REWARD_FUNCTIONS: dict[str, RewardFactory] = {}
 

@@ -87,9 +87,15 @@ class VLLMEngine:
         # several training processes: each starts its own instance inside the existing process group (TRL's colocate
         # mode); untested here, as no GPU has been lent to this project
         # (a launch sets WORLD_SIZE; vLLM itself initialises torch.distributed in-process, so that cannot tell)
-        launched = (
-            {"distributed_executor_backend": "external_launcher"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
-        )
+        extra: dict[str, Any] = {}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            extra["distributed_executor_backend"] = "external_launcher"
+        if options.max_model_len:
+            extra["max_model_len"] = options.max_model_len
+        if not on_cpu:
+            extra["gpu_memory_utilization"] = options.gpu_memory_utilization
+            if options.sleep:
+                extra["enable_sleep_mode"] = True
         rng = torch.get_rng_state()  # vLLM seeds the global RNGs when it starts; the trainer's sampling must not move
         try:
             self.llm = vllm.LLM(
@@ -97,12 +103,9 @@ class VLLMEngine:
                 dtype=dtype,
                 skip_tokenizer_init=True,
                 enforce_eager=options.enforce_eager,
-                **({"max_model_len": options.max_model_len} if options.max_model_len else {}),
                 tensor_parallel_size=options.tensor_parallel_size,
                 logprobs_mode="processed_logprobs",
-                **({} if on_cpu else {"gpu_memory_utilization": options.gpu_memory_utilization}),
-                **({"enable_sleep_mode": True} if options.sleep and not on_cpu else {}),
-                **launched,
+                **extra,
             )
         finally:
             torch.set_rng_state(rng)

@@ -266,7 +266,7 @@ class Trainer:
         """SPEC §3 DAPO dynamic sampling: keep the groups whose rewards differ (all of them when it is off); the
         first round's share of equal-reward groups is logged either way."""
         G = self.cfg.rollout.group_size
-        informative = algorithms.informative_groups(rnd.rewards, G) if G > 1 else [False] * len(rnd.problems)
+        informative = algorithms.informative_groups(rnd.rewards, G)  # a group of one is never informative
         if batch.zero_std_groups is None:
             equal = self.procs.gather([not x for x in informative])
             batch.zero_std_groups = sum(equal) / max(len(equal), 1)
@@ -332,7 +332,7 @@ class Trainer:
                             p.mode,
                             len(c.prompt_ids),
                             len(c.token_ids),
-                        )  # fmt: skip
+                        )
                         for p, c, w in batch.scored
                     ]
                 )
@@ -351,7 +351,7 @@ class Trainer:
                             "prompt": p.text,
                             "completion": c.text,
                             "reward": w,
-                        }  # fmt: skip
+                        }
                         for p, c, w in batch.scored
                     ]
                 )
@@ -361,10 +361,12 @@ class Trainer:
     def metrics(self, batch: Batch) -> dict[str, float]:
         """The step's metrics over the whole global batch (SPEC §6), gathered from every process."""
         procs, G = self.procs, batch.group_size
-        trained = [
-            (len(c.token_ids), c.truncated, abs(float(x)))
-            for c, x in zip(batch.completions, batch.advantages if batch.advantages is not None else [], strict=True)
-        ] if not batch.empty else []  # fmt: skip
+        trained: list[tuple[int, bool, float]] = []  # (length, truncated, |advantage|) of every trained sequence
+        if not batch.empty:  # then a group was kept, so the advantages stage ran
+            trained = [
+                (len(c.token_ids), c.truncated, abs(float(x)))
+                for c, x in zip(batch.completions, batch.advantages, strict=True)
+            ]
         self.last_samples = [
             (p.prompt, batch.completions[i * G].text, batch.rewards[i * G]) for i, p in enumerate(batch.problems[:3])
         ]

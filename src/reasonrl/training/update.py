@@ -198,11 +198,11 @@ class PolicyUpdate:
         out["ratio/mean"] = sums["ratio"] / denom
         out["clip/region"] = out["clip/low"] + out["clip/high"]
         out["grad_norm"] = float(grad_norm)
-        diff_sum, diff_tokens, is_weight = procs.sum(diff_sum), procs.sum(diff_tokens), procs.sum(is_weight)
-        if diff_tokens:
-            out["rollout/logprob_diff/mean"] = diff_sum / diff_tokens
+        mismatch = procs.sum_dict({"diff": diff_sum, "tokens": diff_tokens, "is_weight": is_weight})  # one collective
+        if mismatch["tokens"]:  # the same on every process: so is the collective below
+            out["rollout/logprob_diff/mean"] = mismatch["diff"] / mismatch["tokens"]
             out["rollout/logprob_diff/max"] = procs.max(diff_max)
             if self.is_correction != "none":
-                out["rollout/is_weight/mean"] = is_weight / diff_tokens
+                out["rollout/is_weight/mean"] = mismatch["is_weight"] / mismatch["tokens"]
         self.model.eval()
         return out
