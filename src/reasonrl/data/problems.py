@@ -208,14 +208,23 @@ def reward_columns(problems: list[Problem], repeat: int = 1) -> dict[str, list]:
 
 
 def problems_from_rows(
-    rows: Iterable[Any], *, label: str = "train_dataset", columns: Mapping[str, str] | None = None
+    rows: Iterable[Any],
+    *,
+    label: str = "train_dataset",
+    columns: Mapping[str, str] | None = None,
+    layout: RowLayout | None = None,
 ) -> list[Problem]:
     """Problems from in-memory rows (a list of dicts, or a `datasets.Dataset`, which iterates as dicts), validated as
-    a file's rows are; errors name `label` and the 1-based row."""
+    a file's rows are; errors name `label` and the 1-based row. `layout` replaces the column mapping (a benchmark
+    preset's layout: ids are then numbered with its prefix, as for its files)."""
     if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
         raise UserError(f"{label} must be a list of dicts or a datasets.Dataset, got {type(rows).__name__}")
+    if layout is None:
+        layout = ColumnLayout(columns)
+    elif columns:
+        raise UserError("data.columns cannot be combined with a benchmark preset: the preset fixes the columns")
     numbered = ((f"{label} row {i + 1}", row) for i, row in enumerate(rows))
-    return _build(numbered, label, ColumnLayout(columns), label, None)
+    return _build(numbered, label, layout, layout.id_prefix or label, None)
 
 
 def write_jsonl(path: str | os.PathLike[str], problems: Iterable[Problem]) -> None:

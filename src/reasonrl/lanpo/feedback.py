@@ -145,6 +145,7 @@ class FeedbackStats:
     retrieval_requests: int = 0
     retrieval_hits: int = 0
     similarities: list[float] = field(default_factory=list)
+    best_similarities: list[float] = field(default_factory=list)  # per query with another problem to compare with
     lessons_generated: int = 0
     lessons_cached: int = 0
     lesson_tokens: int = 0
@@ -212,9 +213,12 @@ class FeedbackBuilder:
         c = self.cfg
         found: dict[str, str] = {}
         todo: list[tuple[str, str, str]] = []  # (problem id, cache key, lesson prompt)
-        for p in problems:
+        retrievals = self.pool.search_many([(p.id, p.prompt) for p in problems], gamma=c.gamma, top_k=c.top_k)
+        for p, retrieved in zip(problems, retrievals, strict=True):
             stats.retrieval_requests += 1
-            near = self.pool.similar_problems(p.prompt, exclude_id=p.id, gamma=c.gamma, top_k=c.top_k)
+            if retrieved.best is not None:
+                stats.best_similarities.append(retrieved.best)
+            near = retrieved.neighbours
             if not near:
                 continue
             stats.retrieval_hits += 1

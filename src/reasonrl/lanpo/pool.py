@@ -25,6 +25,16 @@ stays below gamma (prefix filtering: a problem sharing none of the remaining ter
 long posting lists out of most queries; past `search_budget` postings only the rarest remaining terms are kept.
 Results are exact while neither that budget nor the candidate count cuts anything, approximate (but fast) beyond.
 Document frequencies live in a table kept in step with the index (FTS5's vocabulary table scans posting lists).
+
+With an `embedder` (`lanpo.retriever=embedding`), similarity is instead the cosine of L2-normalised sentence
+embeddings, clipped at 0 (SPEC §7). Each problem is embedded once, when first added (or when first queried, with
+the query's vector reused at add); its vector is stored in the `vectors` table as a float32 BLOB, one row per
+problem, so it is pool state like the rest: `fingerprint` covers the live problems' vectors, `rollback` and
+`checkpointed` delete the vectors of problems they delete, and a reopened pool serves the stored bytes. Search is
+exact, over an in-memory matrix of the live problems' vectors (`embedding.VectorIndex`), loaded from SQLite at the
+first query and then kept in step incrementally: every change of a problem's liveness stamps its vector row with a
+new `vec_seq`, so a query first reads only the rows stamped since the last one (also those another process wrote:
+`PRAGMA data_version`), and after a purge (`vec_purges`) drops the rows whose vector is gone.
 """
 
 from __future__ import annotations
@@ -43,9 +53,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
 
-from reasonrl.config import LANPO_MODES as MODES  # SPEC §5 context modes
+import numpy as np
 
-__all__ = ["MODES", "ExperiencePool", "PoolEntry", "idf", "term_counts", "tokenize"]
+from reasonrl.config import LANPO_MODES as MODES  # SPEC §5 context modes
+from reasonrl.errors import UserError
+from reasonrl.lanpo.embedding import Embedder, VectorIndex
+
+__all__ = ["MODES", "ExperiencePool", "PoolEntry", "Retrieval", "idf", "term_counts", "tokenize"]
 
 _SCHEMA_VERSION = 1
 _CHUNK = 500  # ids per `IN (...)` list, well below SQLite's bound-parameter limit
@@ -72,6 +86,8 @@ _MIN_CANDIDATES = 200
 _CANDIDATES_PER_K = 50
 _SIM_SLACK = 1e-12  # so that gamma = 1.0 still accepts identical texts despite rounding
 _PID_MASK = (1 << 63) - 1
+_VEC = np.dtype("<f4")  # stored vector format: little-endian float32, whatever the machine
+_QUERY_CACHE = 16_384  # embedded query texts kept until their problem is added (~1.5 KB each at 384 dimensions)
 
 
 def tokenize(text: str) -> list[str]:
@@ -117,6 +133,19 @@ class PoolEntry:
         # SQLite stores NaN as NULL; a non-finite reward is a bug upstream anyway.
         if not math.isfinite(self.reward):
             raise ValueError(f"PoolEntry.reward must be finite, got {self.reward!r}")
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """One query's neighbours (`similar_problems`), and the best similarity found, for the γ metric.
+
+    `best` is None when there was no other problem to compare with. The embedding retriever compares with every
+    live problem, so its `best` is exact; the lexical one scores only candidates that share a term the prefix filter
+    kept, so a `best` below γ is a lower bound (one at or above γ is exact while the search is).
+    """
+
+    neighbours: list[tuple[str, float]]
+    best: float | None
 
 
 @dataclass
@@ -171,6 +200,12 @@ CREATE VIRTUAL TABLE IF NOT EXISTS problem_index USING fts5(
     terms, content='', detail=none, tokenize="ascii tokenchars '@'"
 );
 """
+# The embedding retriever's vectors (created in new pools, and in older ones when an embedder opens them). `seq`: the
+# meta `vec_seq` of the row's last change (insert, or its problem's liveness crossing zero), for incremental sync.
+_VECTORS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (pid INTEGER PRIMARY KEY, seq INTEGER NOT NULL, vec BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS vectors_by_seq ON vectors(seq);
+"""
 
 
 def _chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
@@ -186,6 +221,18 @@ def _hash_pid(problem_id: str) -> int:
     """A problem's row id from its id alone, not from history: retrieval breaks score ties by it, and a resumed run
     (whose purges and rollbacks may differ) must break them the same way."""
     return int.from_bytes(hashlib.sha256(problem_id.encode()).digest()[:8], "big") & _PID_MASK
+
+
+def _statements(script: str) -> list[str]:
+    return [statement for statement in script.split(";") if statement.strip()]
+
+
+def _encode_vector(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=_VEC).tobytes()
+
+
+def _decode_vector(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=_VEC).astype(np.float32)
 
 
 def _index_doc(terms: dict[str, int]) -> str:
@@ -204,9 +251,11 @@ class ExperiencePool:
         max_size: int = 1_000_000,
         search_budget: int = 10_000,
         read_only: bool = False,
+        embedder: Embedder | None = None,
     ) -> None:
         """`read_only`: a reader of a pool another process owns (multi-process training); SQLite refuses its writes
-        and WAL lets it read while the owner writes."""
+        and WAL lets it read while the owner writes. `embedder`: retrieve by sentence-embedding cosine instead of
+        lexically (the module docstring); a writer embeds the problems that have no vector yet."""
         if max_per_problem < 1 or max_size < 1:
             raise ValueError(f"max_per_problem and max_size must be >= 1, got {max_per_problem}, {max_size}")
         self.path = Path(path)
@@ -239,10 +288,46 @@ class ExperiencePool:
             raise RuntimeError(f"{self.path}: pool schema version {version}, this code reads {_SCHEMA_VERSION}")
         if version == 0:  # a new file (an existing one is opened without writing: `reasonrl pool` reads a live run)
             with self._write() as cur:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        cur.execute(statement)
+                for statement in _statements(_SCHEMA + _VECTORS_SCHEMA):
+                    cur.execute(statement)
                 cur.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        self._embedder = embedder
+        self._index: VectorIndex | None = None  # the live problems' vectors, loaded at the first embedding query
+        self._synced = (-1, 0, 0)  # (data_version, vec_seq, vec_purges) the index reflects
+        self._index_stale = True  # this connection wrote since the last sync (its own commits keep data_version)
+        self._query_vectors: dict[str, tuple[str, np.ndarray]] = {}  # problem id -> (text, vector), not yet added
+        self._vectors_table = self._has_table("vectors")  # false in a pool written before vectors existed
+        if embedder is not None:
+            self._open_vectors(embedder, read_only)
+
+    def _has_table(self, name: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+        return row is not None
+
+    def _open_vectors(self, embedder: Embedder, read_only: bool) -> None:
+        """Check that stored vectors come from this model; a writer also gives every problem lacking one its vector
+        (a pool first written by the lexical retriever, or by an older version)."""
+        stored = self._meta("embedding_model")
+        if stored is not None and stored != embedder.name:
+            self._db.close()
+            raise UserError(
+                f"{self.path} holds vectors of embedding model {stored}, not {embedder.name}; start a new run directory"
+            )
+        if read_only:
+            return
+        with self._write() as cur:
+            for statement in _statements(_VECTORS_SCHEMA):
+                cur.execute(statement)
+            self._set_meta(cur, "embedding_model", embedder.name)
+        self._vectors_table = True
+        rows = self._db.execute(
+            "SELECT pid, text FROM problems p WHERE NOT EXISTS (SELECT 1 FROM vectors v WHERE v.pid = p.pid)"
+        ).fetchall()
+        for start in range(0, len(rows), _CHUNK):
+            chunk = rows[start : start + _CHUNK]
+            vectors = embedder.encode([text for _, text in chunk])
+            with self._write() as cur:
+                self._insert_vectors(cur, [pid for pid, _ in chunk], vectors)
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
 
@@ -257,7 +342,19 @@ class ExperiencePool:
             raise
         else:
             cur.execute("COMMIT")
+            self._index_stale = True
         finally:
+            cur.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Cursor]:
+        """One read transaction: its statements see one snapshot, even while the owner process writes."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN")
+        try:
+            yield cur
+        finally:
+            cur.execute("COMMIT")
             cur.close()
 
     def _meta(self, key: str, cur: sqlite3.Cursor | None = None) -> int | str | None:
@@ -266,6 +363,11 @@ class ExperiencePool:
 
     def _counter(self, key: str, cur: sqlite3.Cursor | None = None) -> int:
         return int(self._meta(key, cur) or 0)
+
+    def _bump(self, cur: sqlite3.Cursor, key: str) -> int:
+        value = self._counter(key, cur) + 1
+        self._set_meta(cur, key, value)
+        return value
 
     def _reward_sum(self, cur: sqlite3.Cursor | None = None) -> Fraction:
         return Fraction(str(self._meta("reward_sum", cur) or "0"))
@@ -304,6 +406,10 @@ class ExperiencePool:
         cur.executemany("INSERT INTO terms(term, df) VALUES (?, 1) ON CONFLICT(term) DO UPDATE SET df = df + 1", df_up)
         cur.executemany("UPDATE terms SET df = df - 1 WHERE term = ?", df_down)
         cur.executemany("DELETE FROM terms WHERE term = ? AND df <= 0", df_down)
+        crossed = [pid for pid, _ in index_rows + unindex_rows]
+        if crossed and self._vectors_table:  # readers of the in-memory index pick these liveness changes up
+            seq = self._bump(cur, "vec_seq")
+            cur.executemany("UPDATE vectors SET seq = ? WHERE pid = ?", [(seq, pid) for pid in crossed])
         self._set_meta(cur, "live", self._counter("live", cur) + sum(delta.per_problem.values()))
         self._set_meta(cur, "indexed", self._counter("indexed", cur) + len(index_rows) - len(unindex_rows))
         for mode in MODES:
@@ -313,15 +419,25 @@ class ExperiencePool:
             added = sum((Fraction(reward) * n for reward, n in delta.rewards.items()), Fraction(0))
             self._set_meta(cur, "reward_sum", str(self._reward_sum(cur) + added))
 
-    @staticmethod
-    def _drop_orphans(cur: sqlite3.Cursor, pids: Iterable[int]) -> None:
-        """Delete problem rows left with no entry rows at all (they are already out of the index: live = 0)."""
+    def _drop_orphans(self, cur: sqlite3.Cursor, pids: Iterable[int]) -> None:
+        """Delete problem rows left with no entry rows at all (they are already out of the index: live = 0), and
+        their vectors."""
+        purged = 0
         for chunk in _chunks(sorted(set(pids))):
             cur.execute(
                 f"DELETE FROM problems WHERE pid IN ({_marks(len(chunk))}) AND live = 0 AND NOT EXISTS "
                 "(SELECT 1 FROM entries e WHERE e.pid = problems.pid AND e.evicted_at IS NOT NULL)",
                 chunk,
             )
+            if self._vectors_table:
+                cur.execute(
+                    f"DELETE FROM vectors WHERE pid IN ({_marks(len(chunk))}) "
+                    "AND NOT EXISTS (SELECT 1 FROM problems p WHERE p.pid = vectors.pid)",
+                    chunk,
+                )
+                purged += cur.rowcount
+        if purged:
+            self._bump(cur, "vec_purges")
 
     @staticmethod
     def _evict(cur: sqlite3.Cursor, rows: list[tuple[int, int, str, float]], step: int, delta: _Delta) -> None:
@@ -336,6 +452,7 @@ class ExperiencePool:
         if not entries:
             return
         step = max(entry.step for entry in entries)
+        vectors = self._missing_vectors(entries) if self._embedder is not None else {}
         with self._write() as cur:
             pids: dict[str, int] = {}
             wanted = sorted({entry.problem_id for entry in entries})
@@ -355,6 +472,8 @@ class ExperiencePool:
                         (pid, entry.problem_id, entry.problem, terms),
                     )
                     pids[entry.problem_id] = pid
+            if vectors:
+                self._insert_vectors(cur, [pids[i] for i in vectors], np.stack(list(vectors.values())))
             cur.executemany(
                 "INSERT INTO entries(pid, response, reward, step, mode, prompt_tokens, response_tokens, added_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -396,6 +515,36 @@ class ExperiencePool:
                 ).fetchall()
                 self._evict(cur, rows, step, delta)
             self._apply(cur, delta)
+
+    def _missing_vectors(self, entries: Sequence[PoolEntry]) -> dict[str, np.ndarray]:
+        """Vectors for the entries' problems that have none stored yet (of the stored text for a known problem, else
+        of the first text given: the text the pool keeps)."""
+        texts: dict[str, str] = {}
+        for entry in entries:
+            texts.setdefault(entry.problem_id, entry.problem)
+        todo = dict(texts)
+        for chunk in _chunks(sorted(texts)):
+            rows = self._db.execute(
+                "SELECT problem_id, text, EXISTS (SELECT 1 FROM vectors v WHERE v.pid = p.pid) FROM problems p "
+                f"WHERE problem_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            for problem_id, text, stored in rows:
+                if stored:
+                    del todo[problem_id]
+                else:
+                    todo[problem_id] = text
+        vectors = self._embed(list(todo.items()))
+        for problem_id in vectors:
+            self._query_vectors.pop(problem_id, None)  # stored from now on
+        return vectors
+
+    def _insert_vectors(self, cur: sqlite3.Cursor, pids: Sequence[int], vectors: np.ndarray) -> None:
+        seq = self._bump(cur, "vec_seq")
+        cur.executemany(
+            "INSERT OR IGNORE INTO vectors(pid, seq, vec) VALUES (?, ?, ?)",
+            [(pid, seq, _encode_vector(v)) for pid, v in zip(pids, vectors, strict=True)],
+        )
 
     def put_lesson(self, key: str, text: str, step: int) -> None:
         """Cache a lesson under `key` (built by the caller); a later put for the same key supersedes it."""
@@ -502,17 +651,33 @@ class ExperiencePool:
 
         Ties are broken by problem id. At most `top_k`; never `exclude_id`.
         """
+        return self.search(problem, exclude_id=exclude_id, gamma=gamma, top_k=top_k).neighbours
+
+    def search(self, problem: str, *, exclude_id: str, gamma: float, top_k: int) -> Retrieval:
+        """`similar_problems`, with the best similarity found (the distribution that tells a user which γ fires)."""
+        return self.search_many([(exclude_id, problem)], gamma=gamma, top_k=top_k)[0]
+
+    def search_many(self, problems: Sequence[tuple[str, str]], *, gamma: float, top_k: int) -> list[Retrieval]:
+        """`search` for each (problem id, text), excluding that id. A step's queries go together: the embedding
+        retriever embeds their texts in one batch and reads its matrix once for all of them."""
+        if top_k <= 0 or not problems:
+            return [Retrieval([], None) for _ in problems]
+        if self._embedder is None:
+            return [self._lexical_search(text, problem_id, gamma, top_k) for problem_id, text in problems]
+        return self._embedding_search(problems, gamma, top_k)
+
+    def _lexical_search(self, problem: str, exclude_id: str, gamma: float, top_k: int) -> Retrieval:
         query = term_counts(problem)
         n_problems = self._counter("indexed")
-        if top_k <= 0 or not query or n_problems == 0:
-            return []
+        if not query or n_problems == 0:
+            return Retrieval([], None)
         limit = max(_MIN_CANDIDATES, _CANDIDATES_PER_K * top_k)
         df = self._df(query)
         q_vec = {t: c * idf(n_problems, df.get(t, 0)) for t, c in query.items()}
         q_norm = math.sqrt(sum(w * w for w in q_vec.values()))
         chosen = self._prefix_terms(q_vec, q_norm, df, gamma)
         if not chosen:
-            return []
+            return Retrieval([], 0.0)
         # Rank every problem sharing a chosen term by its partial dot product over those terms (tf taken as 1), via
         # each term's posting list; this is cheaper than FTS5's bm25, which rescans the lists to count documents.
         scores: dict[int, float] = {}
@@ -534,6 +699,7 @@ class ExperiencePool:
         df.update(self._df(t for _, terms in candidates for t in terms if t not in df))
         term_idf = {t: idf(n_problems, count) for t, count in df.items()}
         scored: list[tuple[str, float]] = []
+        best = 0.0
         for problem_id, terms in candidates:
             dot = 0.0
             d_sq = 0.0
@@ -543,10 +709,103 @@ class ExperiencePool:
                 if t in q_vec:
                     dot += w * q_vec[t]
             sim = min(1.0, dot / (q_norm * math.sqrt(d_sq))) if dot > 0 else 0.0
+            best = max(best, sim)
             if sim > 0 and sim >= gamma - _SIM_SLACK:
                 scored.append((problem_id, sim))
         scored.sort(key=lambda item: (-item[1], item[0]))
-        return scored[:top_k]
+        return Retrieval(scored[:top_k], best)
+
+    def _embedding_search(self, problems: Sequence[tuple[str, str]], gamma: float, top_k: int) -> list[Retrieval]:
+        index = self._sync_index()
+        if not len(index):
+            return [Retrieval([], None) for _ in problems]
+        vectors = self._query_vectors_for(problems)
+        pids: dict[str, int] = {}
+        for chunk in _chunks(sorted({problem_id for problem_id, _ in problems})):
+            rows = self._db.execute(
+                f"SELECT problem_id, pid FROM problems WHERE problem_id IN ({_marks(len(chunk))})", chunk
+            )
+            pids.update(rows.fetchall())
+        found = index.search(
+            np.stack([vectors[problem_id] for problem_id, _ in problems]),
+            exclude_pids=[pids.get(problem_id) for problem_id, _ in problems],
+            gamma=gamma,
+            top_k=top_k,
+            sim_slack=_SIM_SLACK,
+        )
+        return [Retrieval(neighbours, best) for neighbours, best in found]
+
+    def _query_vectors_for(self, problems: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
+        """Vectors of (problem id, text) to query with: the stored one when the pool holds that text under that id,
+        else one embedding (cached until the problem is added, so that its text is embedded once)."""
+        wanted = dict(problems)
+        out: dict[str, np.ndarray] = {}
+        if self._vectors_table:
+            for chunk in _chunks(sorted(wanted)):
+                rows = self._db.execute(
+                    "SELECT p.problem_id, p.text, v.vec FROM problems p JOIN vectors v ON v.pid = p.pid "
+                    f"WHERE p.problem_id IN ({_marks(len(chunk))})",
+                    chunk,
+                )
+                out.update((i, _decode_vector(blob)) for i, text, blob in rows if text == wanted[i])
+        embedded = self._embed([(i, text) for i, text in wanted.items() if i not in out])
+        for problem_id, vector in embedded.items():
+            self._query_vectors.pop(problem_id, None)
+            if len(self._query_vectors) >= _QUERY_CACHE:
+                del self._query_vectors[next(iter(self._query_vectors))]  # the oldest
+            self._query_vectors[problem_id] = (wanted[problem_id], vector)
+        return {**out, **embedded}
+
+    def _embed(self, problems: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
+        """Vectors of (problem id, text): from the query cache when the text matches, the rest in one batch."""
+        assert self._embedder is not None
+        out: dict[str, np.ndarray] = {}
+        todo: list[tuple[str, str]] = []
+        for problem_id, text in problems:
+            hit = self._query_vectors.get(problem_id)
+            if hit is not None and hit[0] == text:
+                out[problem_id] = hit[1]
+            else:
+                todo.append((problem_id, text))
+        if todo:
+            out.update(zip((i for i, _ in todo), self._embedder.encode([t for _, t in todo]), strict=True))
+        return out
+
+    def _sync_index(self) -> VectorIndex:
+        """The in-memory index of the live problems' vectors, brought up to date with the database."""
+        assert self._embedder is not None
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if self._index is not None and not self._index_stale and version == self._synced[0]:
+            return self._index
+        self._vectors_table = self._vectors_table or self._has_table("vectors")
+        if not self._vectors_table:  # a reader of a pool whose owner has not written vectors yet
+            return VectorIndex(self._embedder.dim)
+        with self._read() as cur:
+            seq, purges = self._counter("vec_seq", cur), self._counter("vec_purges", cur)
+            if self._index is None:
+                self._index = VectorIndex(self._embedder.dim)
+                rows = cur.execute(
+                    "SELECT v.pid, p.problem_id, 1, v.vec FROM vectors v JOIN problems p ON p.pid = v.pid "
+                    "WHERE p.live > 0"
+                )
+            else:
+                if purges != self._synced[2]:  # vectors were deleted (with their problems): drop those rows
+                    present = {pid for (pid,) in cur.execute("SELECT pid FROM vectors")}
+                    for pid in self._index.pids():
+                        if pid not in present:
+                            self._index.remove(pid)
+                rows = cur.execute(
+                    "SELECT v.pid, p.problem_id, p.live, v.vec FROM vectors v JOIN problems p ON p.pid = v.pid "
+                    "WHERE v.seq > ?",
+                    (self._synced[1],),
+                )
+            for pid, problem_id, live, blob in rows:
+                if live > 0:
+                    self._index.add(pid, problem_id, _decode_vector(blob))
+                else:
+                    self._index.remove(pid)
+        self._synced, self._index_stale = (version, seq, purges), False
+        return self._index
 
     def trajectories(self, problem_ids: Sequence[str], per_problem: int = 2) -> list[tuple[str, str, float]]:
         """(problem text, response, reward) of those problems' newest live entries, for lesson writing."""
@@ -607,7 +866,8 @@ class ExperiencePool:
         return [PoolEntry(*row) for row in rows]
 
     def fingerprint(self) -> str:
-        """sha256 over all live entries (in insertion order) and visible lessons (by key): equal pools, equal hash."""
+        """sha256 over all live entries (in insertion order), visible lessons (by key) and the vectors of problems
+        with live entries (by id): equal pools, equal hash."""
         digest = hashlib.sha256()
         rows = self._db.execute(
             "SELECT p.problem_id, p.text, e.response, e.reward, e.step, e.mode, e.prompt_tokens, e.response_tokens "
@@ -623,6 +883,14 @@ class ExperiencePool:
         for row in rows:
             digest.update(json.dumps(["lesson", *row]).encode())
             digest.update(b"\n")
+        if self._vectors_table:  # the embedding retriever's state: the live problems' vectors, bit for bit
+            rows = self._db.execute(
+                "SELECT p.problem_id, v.vec FROM vectors v JOIN problems p ON p.pid = v.pid WHERE p.live > 0 "
+                "ORDER BY p.problem_id"
+            )
+            for problem_id, blob in rows:
+                digest.update(json.dumps(["vector", problem_id]).encode())
+                digest.update(blob)
         return digest.hexdigest()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import torch
 from reasonrl.config import Config, LoraConfig, ModelConfig
 from reasonrl.errors import UserError
 from reasonrl.model.builtin import BUILTIN_MODELS
+from reasonrl.model.packaged import resolve_model_path
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,10 +51,12 @@ def load_pretrained(
     path: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, quantization: Any = None
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a local directory or hub name; errors become one-line user errors. A directory of
-    LoRA adapters (a LoRA run's `model/` or checkpoint) loads its base model with the adapters merged in.
+    LoRA adapters (a LoRA run's `model/` or checkpoint) loads its base model with the adapters merged in; a
+    packaged model's name or a `gguf:` path loads its cached conversion (`model.packaged`).
     `quantization`: bitsandbytes settings (QLoRA), under which the weights are placed on `device` while loading."""
     from transformers import AutoModelForCausalLM
 
+    path = resolve_model_path(path)
     if (Path(path) / "adapter_config.json").is_file():
         model, tokenizer = merged_lora_model(path, cfg, dtype)
         return model.to(device), tokenizer

@@ -9,13 +9,14 @@ after a wall-clock timeout always works. This module keeps sympy out of the trai
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import logging
 import math
 import multiprocessing
 import re
 import signal
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -109,14 +110,17 @@ def _verify_one(answer: str, gold: str) -> tuple[float, str]:
     return (1.0 if verify(gold_parsed, pred, timeout_seconds=None) else 0.0), "ok"
 
 
-def _worker_init() -> None:
-    """Pay math-verify's import and first-parse cost before any task's clock starts; die at once on SIGTERM."""
+def _worker_init(preload: tuple[str, ...] = ()) -> None:
+    """Pay math-verify's import and first-parse cost (and the imports of ``preload``, e.g. ``reasoning_gym``) before
+    any task's clock starts; die at once on SIGTERM."""
     # pebble installs a Python-level SIGTERM handler, which cannot run while sympy is inside a long C call, so a
     # timed-out worker would linger ~3 s before SIGKILL. The default action kills it immediately.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings: we know
         _verify_one("1", "2")
+        for module in preload:
+            importlib.import_module(module)
     except Exception:  # a broken initializer makes pebble respawn forever; tasks report instead
         pass
 
@@ -148,6 +152,13 @@ class MathVerifier:
         self.timeout_s = float(timeout_s)
         self._pool: Any = None
         self._finalizer: weakref.finalize | None = None
+        self._preload: tuple[str, ...] = ()
+
+    def preload(self, module: str) -> None:
+        """Import ``module`` in each worker as it starts, so that its import time is not charged to the first task's
+        timeout (for workers started after this call; a running pool keeps its workers)."""
+        if module not in self._preload:
+            self._preload = (*self._preload, module)
 
     def _get_pool(self) -> Any:
         if self._pool is not None and self._pool.active:
@@ -157,7 +168,10 @@ class MathVerifier:
         from pebble import ProcessPool
 
         self._pool = ProcessPool(
-            max_workers=self.num_workers, initializer=_worker_init, context=multiprocessing.get_context("spawn")
+            max_workers=self.num_workers,
+            initializer=_worker_init,
+            initargs=(self._preload,),
+            context=multiprocessing.get_context("spawn"),
         )
         self._finalizer = weakref.finalize(self, _stop_pool, self._pool)
         return self._pool
@@ -178,33 +192,43 @@ class MathVerifier:
             else:  # GRPO groups repeat answers a lot; one hanging answer should cost one timeout, not G
                 todo.setdefault((ans.strip(), str(gold).strip()), []).append(i)
         if todo:
-            checked = self._run(list(todo))
-            broken = [k for k, r in checked.items() if r is None]
-            if broken:  # pebble gives up on the whole pool when workers die before taking a task: retry once
-                self.close()
-                checked.update(self._run(broken))
-            if any(r is None for r in checked.values()):
-                self.close()
-                raise UserError(
-                    "math verifier worker processes failed to start; if a script starts training at import time, "
-                    "guard it with `if __name__ == '__main__':` (workers are spawned and re-import the main module)"
-                )
+            checked = self.run(_verify_one, {key: key for key in todo})
             for key, idxs in todo.items():
                 res = checked[key]
-                assert res is not None
                 for i in idxs:
                     results[i] = VerifyResult(res.score, res.status)
         return [r for r in results if r is not None]
 
-    def _run(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], VerifyResult | None]:
-        """Check (answer, gold) pairs in the pool; None marks items lost to a broken pool."""
+    def run(
+        self, fn: Callable[..., tuple[float, str]], jobs: Mapping[Hashable, tuple[Any, ...]]
+    ) -> dict[Hashable, VerifyResult]:
+        """``fn(*args)`` -> (score, status) for each ``key: args`` of ``jobs`` in the worker pool, with the per-item
+        timeout: a hung item scores 0 ('timeout'), a crashed one 0 ('error'). ``fn`` must be a module-level function
+        (the workers import it)."""
+        checked = self._run(fn, jobs)
+        broken = [k for k, r in checked.items() if r is None]
+        if broken:  # pebble gives up on the whole pool when workers die before taking a task: retry once
+            self.close()
+            checked.update(self._run(fn, {k: jobs[k] for k in broken}))
+        if any(r is None for r in checked.values()):
+            self.close()
+            raise UserError(
+                "math verifier worker processes failed to start; if a script starts training at import time, "
+                "guard it with `if __name__ == '__main__':` (workers are spawned and re-import the main module)"
+            )
+        return {k: r for k, r in checked.items() if r is not None}
+
+    def _run(
+        self, fn: Callable[..., tuple[float, str]], jobs: Mapping[Hashable, tuple[Any, ...]]
+    ) -> dict[Hashable, VerifyResult | None]:
+        """Run ``fn(*args)`` in the pool for every ``key: args``; None marks items lost to a broken pool."""
         pool = self._get_pool()
         # Submit everything first so items run in parallel across workers, then collect.
-        futures = {key: pool.schedule(_verify_one, args=key, timeout=self.timeout_s) for key in keys}
+        futures = {key: pool.schedule(fn, args=args, timeout=self.timeout_s) for key, args in jobs.items()}
         # Backstop in case pebble itself misbehaves: every item gets its timeout plus respawn slack.
-        deadline = math.ceil(len(keys) / self.num_workers) * (self.timeout_s + 15.0) + 30.0
+        deadline = math.ceil(len(jobs) / self.num_workers) * (self.timeout_s + 15.0) + 30.0
         done, _ = concurrent.futures.wait(list(futures.values()), timeout=deadline)
-        out: dict[tuple[str, str], VerifyResult | None] = {}
+        out: dict[Hashable, VerifyResult | None] = {}
         for key, fut in futures.items():
             if fut not in done:
                 fut.cancel()
@@ -238,6 +262,11 @@ class MathVerifier:
 class MathAnswerReward:
     """1.0 when the completion's final answer verifies equal to the ``answer`` column, else 0.0.
 
+    A problem generated by reasoning-gym (``data.source=reasoning_gym:NAME``: it carries a ``reasoning_gym`` column)
+    is scored by its generator's own scorer instead (:mod:`reasonrl.rewards.reasoning_gym`), which is the authority on
+    its answers (a puzzle may have several solutions, a fraction several spellings) and may give partial credit.
+    So evaluation accuracy, which reads this function's scores, uses that scorer for such problems.
+
     Owns its MathVerifier so that whoever made it (the Rewards stage) stops the workers with ``close()``;
     ``last_results`` keeps the statuses of the latest call for metrics.
     """
@@ -247,11 +276,27 @@ class MathAnswerReward:
         self.last_results: list[VerifyResult] = []
 
     def __call__(
-        self, prompts: list[str], completions: list[str], *, answer: list[str] | None = None, **_: Any
+        self,
+        prompts: list[str],
+        completions: list[str],
+        *,
+        answer: list[str] | None = None,
+        reasoning_gym: list[Any] | None = None,
+        **_: Any,
     ) -> list[float]:
         if answer is None:
             raise UserError("reward function 'math_answer' needs an 'answer' column in the data")
-        self.last_results = self.verifier.verify([extract_answer(c) for c in completions], answer)
+        answers = [extract_answer(c) for c in completions]
+        if reasoning_gym is None or not any(reasoning_gym):
+            self.last_results = self.verifier.verify(answers, answer)
+            return [r.score for r in self.last_results]
+        from reasonrl.rewards.reasoning_gym import score_entries
+
+        results = score_entries(self.verifier, answers, reasoning_gym)
+        rest = [i for i, r in enumerate(results) if r is None]
+        for i, r in zip(rest, self.verifier.verify([answers[i] for i in rest], [answer[i] for i in rest]), strict=True):
+            results[i] = r
+        self.last_results = [r for r in results if r is not None]
         return [r.score for r in self.last_results]
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from reasonrl.errors import UserError, did_you_mean
 from reasonrl.rewards.math import MathAnswerReward, format_reward
+from reasonrl.rewards.reasoning_gym import ReasoningGymReward
 from reasonrl.rewards.rouge import RougeLReward
 
 RewardFunc = Callable[..., list[float | None]]
@@ -28,6 +29,10 @@ RewardFactory = Callable[..., RewardFunc]
 ``close()``. Factories (not plain functions) so that resources such as worker pools belong to whoever made them."""
 
 REWARD_FUNCTIONS: dict[str, RewardFactory] = {}
+
+#: the functions whose full score marks a completion correct (accuracy), the first one listed in this order;
+#: `reasoning_gym` judges alone when `math_answer` is not used (both use reasoning-gym's scorer for its problems)
+JUDGES = ("math_answer", "reasoning_gym")
 
 
 # ----------------------------------------------------------------------------------------------- built-in rewards
@@ -54,6 +59,11 @@ def _math_answer(**settings: Any) -> RewardFunc:
 @register_reward("format")
 def _format(**_: Any) -> RewardFunc:
     return format_reward
+
+
+@register_reward("reasoning_gym")
+def _reasoning_gym(**settings: Any) -> RewardFunc:
+    return ReasoningGymReward(**settings)
 
 
 @register_reward("rouge_l")
@@ -116,7 +126,7 @@ class RewardOutput:
 
     total: list[float]  # weighted sum per completion (None entries skipped; all None -> 0.0)
     per_function: dict[str, list[float | None]]
-    correct: list[bool] | None  # math_answer score >= 1.0; None when math_answer is not used
+    correct: list[bool] | None  # the judge's score >= 1.0 (JUDGES: math_answer, else reasoning_gym); None: no judge
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -248,8 +258,9 @@ class Rewards:
         metrics["reward/skipped"] = float(skipped)
 
         correct = None
-        if "math_answer" in per_function:
-            correct = [v is not None and v >= 1.0 for v in per_function["math_answer"]]
+        judge = next((f for f in JUDGES if f in per_function), None)
+        if judge is not None:
+            correct = [v is not None and v >= 1.0 for v in per_function[judge]]
         return RewardOutput(total=total, per_function=per_function, correct=correct, metrics=metrics)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -125,7 +126,25 @@ def _feedback_metrics(
             "tokens/feedback": float(sum(s.lesson_tokens for s in stats)),
         }
     )
+    out.update(_best_similarity_metrics([x for s in stats for x in s.best_similarities]))
     return out
+
+
+def _best_similarity_metrics(best: list[float]) -> dict[str, float]:
+    """Distribution of each query's best similarity (nearest rank), to pick γ: `lanpo/retrieval_hit_rate` is the share
+    at or above γ. Absent while the pool had nothing to compare with."""
+    if not best:
+        return {}
+    ranked = sorted(best)
+
+    def rank(q: float) -> float:
+        return ranked[max(0, math.ceil(q * len(ranked)) - 1)]
+
+    return {
+        "lanpo/best_similarity_p50": rank(0.5),
+        "lanpo/best_similarity_p90": rank(0.9),
+        "lanpo/best_similarity_max": ranked[-1],
+    }
 
 
 _REWARD_COUNTS = ("reward/verify_timeouts", "reward/unparsable", "reward/verify_errors", "reward/skipped")

@@ -29,6 +29,7 @@ from reasonrl.data.sources import load_training_data
 from reasonrl.data.stream import ProblemStream
 from reasonrl.errors import UserError
 from reasonrl.evaluate import evaluate
+from reasonrl.lanpo.embedding import load_embedder
 from reasonrl.lanpo.feedback import FeedbackBuilder, advantage_groups, scratch_plans, templates_for
 from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
 from reasonrl.model.forward import resolve_forward
@@ -144,12 +145,15 @@ class Trainer:
         """The run's experience pool (SPEC §5), rolled back to the checkpoint's step on resume so nothing written
         after it (rollouts, evictions, lessons) survives a kill; and the prompt builder that reads it."""
         lanpo, procs = self.cfg.algorithm.lanpo, self.procs
+        # every process embeds its own queries; the model is loaded before the pool, so a missing one fails first
+        embedder = load_embedder(lanpo.embedding_model) if lanpo.retriever == "embedding" else None
         with procs.accelerator.main_process_first():  # process 0 owns the pool; the others only read it
             pool = ExperiencePool(
                 self.run_dir / "pool.sqlite",
                 max_per_problem=lanpo.pool_max_per_problem,
                 max_size=lanpo.pool_max_size,
                 read_only=not procs.is_main,
+                embedder=embedder,
             )
             if resume and procs.is_main:
                 pool.rollback(self.global_step)
