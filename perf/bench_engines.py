@@ -35,7 +35,7 @@ def main() -> None:
 
     import reasonrl  # noqa: F401  (registers the demo)
     from reasonrl.config import load_config
-    from reasonrl.data.prompts import prompt_ids
+    from reasonrl.data.prompts import PromptFormat, prompt_ids
     from reasonrl.data.sources import load_training_data
     from reasonrl.model.loading import load_policy
     from reasonrl.rollout import SamplingParams, engine_class
@@ -48,7 +48,7 @@ def main() -> None:
     problems, _ = load_training_data(cfg)
     model, tokenizer, _ = load_policy(cfg, problems)
     model.eval()
-    prompts = [prompt_ids(tokenizer, p.prompt, cfg.data.system_prompt) for p in problems[: a.prompts]]
+    prompts = [prompt_ids(tokenizer, p.prompt, PromptFormat.from_config(cfg.data)) for p in problems[: a.prompts]]
     sampling = SamplingParams(a.max_new_tokens, 1.0)
     import transformers
 

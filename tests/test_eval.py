@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from reasonrl.data.prompts import prompt_ids
+from reasonrl.data.prompts import PromptFormat, prompt_ids
 from reasonrl.demo.arithmetic import build_tokenizer
 from reasonrl.evaluate import pass_at_k
 
@@ -28,7 +28,7 @@ def test_chat_template_is_applied_when_present():
     plain = prompt_ids(tok, "Q: 1+2\n")
     assert tok.decode(plain) == "Q: 1+2\n"
     tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
-    templated = tok.decode(prompt_ids(tok, "Q: 1+2\n", system_prompt="Be brief."))
+    templated = tok.decode(prompt_ids(tok, "Q: 1+2\n", PromptFormat(system_prompt="Be brief.")))
     assert templated == "<system>Be brief.<user>Q: 1+2\n<assistant>"
 
 
@@ -89,3 +89,37 @@ def test_saved_tiny_model_reloads_with_its_character_tokenizer(tmp_path):
     text = "Q: 347+589\n7+9=16\n\\boxed{936}"
     ids = loaded(text, add_special_tokens=False)["input_ids"]
     assert ids == tok(text, add_special_tokens=False)["input_ids"] and loaded.decode(ids) == text
+
+
+def test_chat_template_kwargs_and_max_prompt_length_shape_the_prompt():
+    """data.chat_template_kwargs reach the template; data.max_prompt_length keeps a long prompt's last tokens, with a
+    warning; both are read from the config by PromptFormat.from_config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from reasonrl.config import load_config
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_word_tokenizer(Tokenizer, models, pre_tokenizers),
+        unk_token="<unk>",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% if not enable_thinking %} nothink{% endif %}{% endif %}"
+    )
+    cfg = load_config(None, ["data.chat_template_kwargs={enable_thinking: false}", "data.max_prompt_length=3"])
+    fmt = PromptFormat.from_config(cfg.data)
+    assert fmt.template_kwargs == {"enable_thinking": False} and fmt.max_length == 3
+    thinking = tok.decode(prompt_ids(tok, "a b", PromptFormat(template_kwargs={"enable_thinking": True})))
+    assert "nothink" not in thinking
+    assert "nothink" in tok.decode(prompt_ids(tok, "a b", PromptFormat(template_kwargs={"enable_thinking": False})))
+    full = prompt_ids(tok, "a b c d e f")
+    with pytest.warns(UserWarning, match="data.max_prompt_length=3"):
+        assert prompt_ids(tok, "a b c d e f", fmt) == full[-3:]
+
+
+def _word_tokenizer(Tokenizer, models, pre_tokenizers):
+    words = ["<unk>", "a", "b", "c", "d", "e", "f", "user", "assistant", ":", "nothink"]
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return t

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from reasonrl.config import load_config
@@ -62,3 +63,21 @@ def test_auto_forward_takes_the_shared_prefix_pass_only_where_it_is_tested():
     assert resolve_forward("auto", gpt2) == "generic"
     assert resolve_forward("generic", qwen) == "generic"
     assert resolve_forward("shared_prefix", qwen) == "shared_prefix"
+
+
+def test_attn_implementation_reaches_from_pretrained(tmp_path):
+    """model.attn_implementation picks transformers' attention kernel; one it cannot use is a one-line error."""
+    import torch
+
+    from reasonrl.config import load_config
+    from reasonrl.errors import UserError
+    from reasonrl.model.loading import load_pretrained
+
+    tiny_gpt2(tmp_path)
+    for impl in ("eager", "sdpa"):
+        cfg = load_config(None, [f"model.attn_implementation={impl}"])
+        model, _ = load_pretrained(str(tmp_path), cfg.model, torch.device("cpu"), torch.float32)
+        assert model.config._attn_implementation == impl
+    cfg = load_config(None, ["model.attn_implementation=no_such_kernel"])
+    with pytest.raises(UserError, match="model.attn_implementation=no_such_kernel"):
+        load_pretrained(str(tmp_path), cfg.model, torch.device("cpu"), torch.float32)

@@ -323,3 +323,26 @@ def test_bf16_compute_keeps_float32_master_weights(tiny_overrides, tmp_path):
                                          "train.master_weights=model")  # fmt: skip
     assert trainer.model.dtype == torch.bfloat16
     assert float((lossy != 0).float().mean()) < 0.5 and float(lossy.norm() / full.norm()) < 0.5
+
+
+def test_adam_betas_and_warmup_ratio_reach_the_optimiser(tiny_overrides, tmp_path):
+    """train.adam_betas sets AdamW's betas (and so the step); train.warmup_ratio lays the warm-up over that share of
+    the optimiser steps, and train.warmup_steps wins when both are set (transformers' rule)."""
+    cfg = ["train.steps=10", "train.lr=1e-2"]
+    default, _, _ = step(tiny_overrides, tmp_path / "a", *cfg)
+    betas, _, _ = step(tiny_overrides, tmp_path / "b", *cfg, "train.adam_betas=[0.5, 0.9]")
+    assert default.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    assert betas.optimizer.param_groups[0]["betas"] == (0.5, 0.9)
+    assert not torch.equal(weights(default), weights(betas))
+    ratio, _, _ = step(tiny_overrides, tmp_path / "c", *cfg, "train.warmup_ratio=0.3")
+    assert ratio.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * 2 / 3)  # warm-up of ceil(0.3 * 10) = 3 steps
+    both, _, _ = step(tiny_overrides, tmp_path / "d", *cfg, "train.warmup_ratio=0.3", "train.warmup_steps=5")
+    assert both.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * 2 / 5)
+
+
+@pytest.mark.parametrize("betas", ["[0.9]", "[0.9, 1.0]", "[-0.1, 0.9]"])
+def test_adam_betas_out_of_range_are_refused(betas):
+    from reasonrl.errors import UserError
+
+    with pytest.raises(UserError, match="train.adam_betas"):
+        load_config(None, [f"train.adam_betas={betas}"])

@@ -224,3 +224,23 @@ def test_eval_accuracy_uses_the_generators_scorer(monkeypatch, rewards):
     res = evaluate_module.evaluate(None, Tokenizer(), problems, rewards, max_new_tokens=8, k=2)
     assert res["accuracy"] == pytest.approx(1 / 3)
     assert res["mean@2"] == pytest.approx(3 / 6) and res["pass@2"] == pytest.approx(2 / 3)
+
+
+def test_template_wraps_the_question_and_lanpo_sees_the_bare_statement() -> None:
+    """data.reasoning_gym.template shapes the prompt; the problem's statement (what LANPO retrieves by) stays the
+    generated question, so a shared template cannot make every problem look alike; a template without
+    {question} is refused."""
+    from reasonrl.config import load_config
+    from reasonrl.data.sources import load_training_data
+    from reasonrl.errors import UserError
+
+    template = "data.reasoning_gym.template=Example first. {question} Box it."
+    sizes = ["data.reasoning_gym.size=3", "data.reasoning_gym.eval_size=2"]
+    cfg = load_config(None, ["data.source=reasoning_gym:chain_sum", *sizes, template])
+    train, _ = load_training_data(cfg)
+    for p in train:
+        question = p.metadata["reasoning_gym"]["entry"]["question"].strip()
+        assert p.prompt == f"Example first. {question} Box it." and p.statement == question
+    cfg.data.reasoning_gym.template = "no placeholder"
+    with pytest.raises(UserError, match=r"must contain \{question\}"):
+        load_training_data(cfg)

@@ -7,6 +7,7 @@ import multiprocessing
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -311,3 +312,48 @@ def test_sys_exit_inside_a_reward_function_is_a_clear_error():
         pytest.raises(UserError, match="'tests.test_rewards:exits' called sys.exit"),
     ):
         rewards(["p"], ["c"], {})
+
+
+def test_a_reward_function_that_never_returns_is_cut_off_and_counted() -> None:
+    """rewards.function_timeout_s bounds every call; the stuck function's rewards are skipped, the others count."""
+    import threading
+    import time
+
+    from reasonrl.rewards.stage import Rewards
+
+    release = threading.Event()
+
+    def stuck(completions, **_):
+        release.wait()  # "forever", until the test lets the abandoned thread finish
+        return [1.0] * len(completions)
+
+    def length(completions, **_):
+        return [float(len(c)) for c in completions]
+
+    rewards = Rewards(["stuck", "length"], callables={"stuck": stuck, "length": length}, function_timeout_s=0.3)
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="rewards.function_timeout_s=0.3"):
+        out = rewards(["p", "p"], ["ab", "abc"], {})
+    release.set()
+    assert time.perf_counter() - start < 5
+    assert out.per_function["stuck"] == [None, None] and out.total == [2.0, 3.0]
+    assert out.metrics["reward/function_timeouts"] == 1.0
+
+
+def test_reward_function_timeout_is_an_option_that_changes_the_cutoff() -> None:
+    from reasonrl.config import load_config
+    from reasonrl.rewards.stage import Rewards
+
+    assert load_config().rewards.function_timeout_s == 60.0
+
+    def slow(completions, **_):
+        import time
+
+        time.sleep(0.5)
+        return [1.0] * len(completions)
+
+    for limit, expected in ((5.0, [1.0]), (0.1, [None])):
+        rewards = Rewards(["slow"], callables={"slow": slow}, function_timeout_s=limit)
+        with rewards, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert rewards(["p"], ["c"], {}).per_function["slow"] == expected

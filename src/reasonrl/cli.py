@@ -189,6 +189,17 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    default = warnings.formatwarning
+
+    def one_line(message: Warning | str, category: type[Warning], filename: str, *args: Any, **kw: Any) -> str:
+        """reasonrl's own warnings are messages to the user, not code locations."""
+        if f"{os.sep}reasonrl{os.sep}" in filename:
+            return f"reasonrl: warning: {message}\n"
+        return default(message, category, filename, *args, **kw)
+
+    warnings.formatwarning = one_line
 
 
 def _console() -> Any:
@@ -358,6 +369,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from reasonrl.config import load_config
     from reasonrl.data.presets import EvalSet, load_eval_set, parse_data_specs
+    from reasonrl.data.prompts import PromptFormat
     from reasonrl.data.sources import has_held_out, load_training_data
     from reasonrl.evaluate import evaluate
     from reasonrl.model.loading import load_pretrained, resolve_device, resolve_dtype
@@ -417,7 +429,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 samples=samples,
                 temperature=cfg.eval.temperature,
                 batch_size=cfg.eval.batch_size,
-                system_prompt=cfg.data.system_prompt,
+                prompt_format=PromptFormat.from_config(cfg.data),
                 reflect_template=reflect_template,
                 engine=cfg.rollout.engine,
             )

@@ -38,6 +38,9 @@ class ModelConfig:
     )
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = _opt(False, "passed to from_pretrained")
+    attn_implementation: str | None = _opt(
+        None, "passed to from_pretrained: eager, sdpa, flash_attention_2, ...; None: transformers' choice"
+    )
     # Shape of the built-in tiny model (a Qwen2 config); ignored for pretrained models.
     hidden_size: int = _opt(128, "tiny model width", ge=8)
     num_layers: int = _opt(4, "tiny model depth", ge=1)
@@ -75,6 +78,10 @@ class DataConfig:
     eval_source: str | None = _opt(None, "eval data; default: the built-in task's held-out set or data.source")
     eval_split: str = _opt("test", "split of eval_source for datasets names")
     system_prompt: str | None = _opt(None, "system message when the tokenizer has a chat template")
+    chat_template_kwargs: dict[str, Any] = _opt({}, "extra chat-template variables, e.g. {enable_thinking: false}")
+    max_prompt_length: int | None = _opt(
+        None, "longest prompt in tokens; a longer one keeps its last tokens, with a warning (TRL's rule)", ge=1
+    )
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
 
 
@@ -183,6 +190,12 @@ class RewardConfig:
     weights: list[float] | None = _opt([1.0, 0.1], "one weight per function (default all 1.0)")
     timeout_s: float = _opt(5.0, "wall-clock limit per verified item; a timeout scores 0", gt=0)
     num_workers: int = _opt(2, "verifier worker processes", ge=1)
+    function_timeout_s: float = _opt(
+        60.0,
+        "wall-clock limit per call of each reward function on a batch; a call past it is abandoned (its thread keeps "
+        "running: make a slow function fast or give it its own worker), its rewards skipped and counted",
+        gt=0,
+    )
 
 
 @dataclass
@@ -278,8 +291,10 @@ class TrainConfig:
     )
     lr: float = _opt(3e-5, "learning rate", gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = _opt("constant", "after warmup")
-    warmup_steps: int = _opt(0, "linear warmup steps", ge=0)
+    warmup_steps: int = _opt(0, "linear warmup steps (overrides warmup_ratio when > 0)", ge=0)
+    warmup_ratio: float = _opt(0.0, "linear warmup as a share of the optimiser steps (TRL's warmup_ratio)", ge=0, le=1)
     weight_decay: float = _opt(0.0, "AdamW weight decay", ge=0)
+    adam_betas: list[float] = _opt([0.9, 0.999], "AdamW (β1, β2), each in [0, 1)")
     max_grad_norm: float = _opt(1.0, "gradient clipping (0 = off)", ge=0)
     micro_batch_size: int = _opt(0, "sequences per forward/backward (0 = whole batch)", ge=0)
     seed: int = _opt(0, "seed of sampling, data order and init")
@@ -313,6 +328,10 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     ref_offload: bool = _opt(False, "keep the reference model (beta > 0) on the CPU between its passes")
+
+    def __post_init__(self) -> None:
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise UserError(f"config 'train.adam_betas' must be two numbers in [0, 1), got {self.adam_betas}")
 
 
 @dataclass
@@ -468,6 +487,11 @@ TRL_KEYS: dict[str, str] = {
     "weight_decay": "train.weight_decay",
     "lr_scheduler_type": "train.lr_schedule",
     "warmup_steps": "train.warmup_steps",
+    "warmup_ratio": "train.warmup_ratio",
+    "adam_beta1": "train.adam_betas",
+    "adam_beta2": "train.adam_betas",
+    "max_prompt_length": "data.max_prompt_length",
+    "chat_template_kwargs": "data.chat_template_kwargs",
     "bf16": "model.dtype=bfloat16",
     "seed": "train.seed",
     "output_dir": "train.output_dir",
@@ -578,10 +602,13 @@ def config_diff(a: Config, b: Config) -> list[str]:
     return [k for k in fa if fa[k] != fb.get(k)]
 
 
+_DICT_VALUES = ("data.columns", "data.reasoning_gym.config", "data.chat_template_kwargs")  # values, not sections
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and f"{prefix}{k}" not in ("data.columns", "data.reasoning_gym.config"):
+        if isinstance(v, dict) and f"{prefix}{k}" not in _DICT_VALUES:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from reasonrl.data.problems import Problem, reward_columns
-from reasonrl.data.prompts import prompt_ids
+from reasonrl.data.prompts import PromptFormat, prompt_ids
 from reasonrl.errors import UserError
 from reasonrl.lanpo.feedback import reflect_prompt
 from reasonrl.rewards.math import extract_answer
@@ -162,7 +162,7 @@ def evaluate(
     samples: int | None = None,
     temperature: float = 1.0,
     batch_size: int = 256,
-    system_prompt: str | None = None,
+    prompt_format: PromptFormat | None = None,
     reflect_template: str | None = None,
     engine: str | RolloutEngine = "fast",
 ) -> dict[str, float]:
@@ -187,7 +187,7 @@ def evaluate(
     own = isinstance(engine, str)  # an engine made here is closed here (vLLM: its process memory, temp files)
     sampler = make_engine(engine, model, tokenizer, batch_size=batch_size) if own else engine
     try:
-        return _evaluate(sampler, tokenizer, problems, verifier, max_new_tokens, k, n, temperature, system_prompt,
+        return _evaluate(sampler, tokenizer, problems, verifier, max_new_tokens, k, n, temperature, prompt_format,
                          reflect_template)  # fmt: skip
     finally:
         if own:
@@ -203,10 +203,10 @@ def _evaluate(
     k: int,
     n: int,
     temperature: float,
-    system_prompt: str | None,
+    prompt_format: PromptFormat | None,
     reflect_template: str | None,
 ) -> dict[str, float]:
-    prompts = [prompt_ids(tokenizer, p.prompt, system_prompt) for p in problems]
+    prompts = [prompt_ids(tokenizer, p.prompt, prompt_format) for p in problems]
     columns = reward_columns(problems)
     greedy = sampler.generate(prompts, 1, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     out = verifier([p.prompt for p in problems], [c.text for c in greedy], columns, [c.token_ids for c in greedy])
@@ -223,7 +223,7 @@ def _evaluate(
     if reflect_template is not None:
         texts = [reflect_prompt(p.prompt, c.text, reflect_template) for p, c in zip(problems, greedy, strict=True)]
         second = sampler.generate(
-            [prompt_ids(tokenizer, t, system_prompt) for t in texts],
+            [prompt_ids(tokenizer, t, prompt_format) for t in texts],
             1,
             SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
         )

@@ -138,7 +138,9 @@ class Preset(RowLayout):
         metadata = {k: v for k, v in row.items() if k not in used}
         if self.answer_format == "choice":
             metadata["choices"] = shown
-        return Problem(id=pid, prompt=self.render(text), answer=answer, reference=reference, metadata=metadata)
+        prompt = self.render(text)
+        question = text if prompt != text else None
+        return Problem(pid, prompt, answer, reference=reference, metadata=metadata, question=question)
 
     # ---- prompts and options
 

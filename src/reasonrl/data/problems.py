@@ -47,6 +47,14 @@ class Problem:
     answer: str
     reference: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+    # the problem statement without the prompt's template (instructions, worked examples): what LANPO retrieves
+    # similar problems by and shows in trajectories; None when the prompt is the statement itself. Derived from the
+    # prompt's source, so not compared (a file written from these problems holds the prompt only)
+    question: str | None = field(default=None, compare=False)
+
+    @property
+    def statement(self) -> str:
+        return self.prompt if self.question is None else self.question
 
 
 DEFAULT_COLUMNS: dict[str, str] = {

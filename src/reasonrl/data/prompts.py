@@ -6,13 +6,41 @@ Applies the tokenizer's chat template when it has one (instruct models); otherwi
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 
-def prompt_ids(tokenizer: Any, text: str, system_prompt: str | None = None) -> list[int]:
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a problem's text becomes prompt tokens: `data.system_prompt`, `data.chat_template_kwargs` (extra
+    variables of the chat template, e.g. Qwen3's `enable_thinking`) and `data.max_prompt_length`."""
+
+    system_prompt: str | None = None
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    max_length: int | None = None
+
+    @classmethod
+    def from_config(cls, data: Any) -> PromptFormat:
+        return cls(data.system_prompt, dict(data.chat_template_kwargs), data.max_prompt_length)
+
+
+def prompt_ids(tokenizer: Any, text: str, fmt: PromptFormat | None = None) -> list[int]:
+    fmt = fmt or PromptFormat()
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
         messages.append({"role": "user", "content": text})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **fmt.template_kwargs)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if fmt.max_length is not None and len(ids) > fmt.max_length:
+        # TRL's rule: the end of the prompt (the question, the assistant turn's opening) matters most
+        warnings.warn(
+            f"a prompt of {len(ids)} tokens is longer than data.max_prompt_length={fmt.max_length}: its first "
+            f"{len(ids) - fmt.max_length} tokens are dropped",
+            stacklevel=2,
+        )
+        ids = ids[-fmt.max_length :]
+    return ids

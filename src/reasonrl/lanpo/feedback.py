@@ -213,7 +213,7 @@ class FeedbackBuilder:
         c = self.cfg
         found: dict[str, str] = {}
         todo: list[tuple[str, str, str]] = []  # (problem id, cache key, lesson prompt)
-        retrievals = self.pool.search_many([(p.id, p.prompt) for p in problems], gamma=c.gamma, top_k=c.top_k)
+        retrievals = self.pool.search_many([(p.id, p.statement) for p in problems], gamma=c.gamma, top_k=c.top_k)
         for p, retrieved in zip(problems, retrievals, strict=True):
             stats.retrieval_requests += 1
             if retrieved.best is not None:

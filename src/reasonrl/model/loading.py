@@ -60,19 +60,25 @@ def load_pretrained(
     if (Path(path) / "adapter_config.json").is_file():
         model, tokenizer = merged_lora_model(path, cfg, dtype)
         return model.to(device), tokenizer
-    placement = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
+    options = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
+    if cfg.attn_implementation is not None:
+        options["attn_implementation"] = cfg.attn_implementation
     try:
         tokenizer = _load_tokenizer(path, cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **placement
+            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **options
         )
     except OSError as e:
         where = "local directory" if Path(path).exists() else "model name (offline? pass a local directory)"
         raise UserError(f"cannot load model '{path}' as a {where}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # e.g. an attention implementation the model or this install does not support
+        if cfg.attn_implementation is None:
+            raise
+        raise UserError(f"model.attn_implementation={cfg.attn_implementation}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return (model if placement else model.to(device)), tokenizer
+    return (model if quantization is not None else model.to(device)), tokenizer
 
 
 def apply_lora(model: Any, lora: LoraConfig, base_path: str) -> Any:

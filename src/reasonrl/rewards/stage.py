@@ -11,6 +11,8 @@ import importlib
 import inspect
 import math
 import numbers
+import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +122,35 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
+def _call(name: str, fn: RewardFunc, kwargs: dict[str, Any], timeout_s: float) -> Any:
+    """`fn(**kwargs)` (awaited when async) in a daemon thread, waited for at most `timeout_s`; `_TIMED_OUT` when it
+    ran past it. A thread cannot be killed, so a call past its limit is abandoned, not stopped; training goes on."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out = fn(**kwargs)
+            box["out"] = asyncio.run(_awaited(out)) if inspect.isawaitable(out) else out
+        except BaseException as e:  # noqa: BLE001 (user code; SystemExit included)
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return _TIMED_OUT
+    if "error" in box:
+        e = box["error"]
+        if isinstance(e, UserError):
+            raise e
+        what = "called sys.exit" if isinstance(e, SystemExit) else f"raised {type(e).__name__}: {e}"
+        raise UserError(f"reward function '{name}' {what}") from e
+    return box["out"]
+
+
+_TIMED_OUT = object()
+
+
 @dataclass
 class RewardOutput:
     """Rewards for one batch of completions."""
@@ -169,9 +200,12 @@ class Rewards:
         num_workers: int = 2,
         settings: dict[str, dict[str, Any]] | None = None,
         callables: dict[str, RewardFunc] | None = None,
+        function_timeout_s: float = 60.0,
     ) -> None:
         """``settings``: extra keyword arguments for built-in factories by name (e.g. ``rouge_l``'s ``tokenize``);
-        ``callables``: functions given as objects (the Python API), used for their names instead of loading them."""
+        ``callables``: functions given as objects (the Python API), used for their names instead of loading them;
+        ``function_timeout_s``: the limit of one call of a function on a batch (`rewards.function_timeout_s`)."""
+        self.function_timeout_s = function_timeout_s
         names = list(names)
         if not names:
             raise UserError("rewards: at least one reward function is needed")
@@ -217,16 +251,17 @@ class Rewards:
         kwargs: dict[str, Any] = {"prompts": list(prompts), "completions": list(completions), **columns}
         if completion_ids is not None:
             kwargs["completion_ids"] = completion_ids
+        timed_out: list[str] = []
         for name, fn in self.functions.items():
-            try:
-                out = fn(**kwargs)
-                if inspect.isawaitable(out):
-                    out = asyncio.run(_awaited(out))
-            except UserError:
-                raise
-            except (Exception, SystemExit) as e:  # user code: report it as a config-level problem, one line
-                what = "called sys.exit" if isinstance(e, SystemExit) else f"raised {type(e).__name__}: {e}"
-                raise UserError(f"reward function '{name}' {what}") from e
+            out = _call(name, fn, kwargs, self.function_timeout_s)
+            if out is _TIMED_OUT:
+                warnings.warn(
+                    f"reward function '{name}' took longer than rewards.function_timeout_s={self.function_timeout_s:g} "
+                    f"s on a batch of {n}; its rewards for that batch are skipped",
+                    stacklevel=2,
+                )
+                timed_out.append(name)
+                out = [None] * n
             per_function[name] = _check_output(name, out, n)
 
         total: list[float] = []
@@ -256,6 +291,7 @@ class Rewards:
         metrics["reward/unparsable"] = float(statuses.count("unparsable"))
         metrics["reward/verify_errors"] = float(statuses.count("error"))
         metrics["reward/skipped"] = float(skipped)
+        metrics["reward/function_timeouts"] = float(len(timed_out))
 
         correct = None
         judge = next((f for f in JUDGES if f in per_function), None)
@@ -318,4 +354,5 @@ def build_rewards(cfg: Any, tokenizer: Any, callables: dict[str, RewardFunc] | N
         num_workers=cfg.rewards.num_workers,
         settings=settings,
         callables=callables,
+        function_timeout_s=cfg.rewards.function_timeout_s,
     )

@@ -76,11 +76,33 @@ def save_checkpoint(
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    """The newest complete checkpoint: the one `latest` names when it is whole, else the newest `step-*` directory
+    that is (a pointer to a deleted or damaged step falls back to the steps that exist)."""
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if checkpoint_problem(named) is None:
+            return named
+    steps = sorted((p for p in root.glob("step-*") if not p.name.endswith(".tmp")), reverse=True)
+    return next((p for p in steps if checkpoint_problem(p) is None), None)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint (a missing or empty file, an unreadable trainer state), else None."""
+    if not path.is_dir():
+        return "missing"
+    weights = "adapter_model.safetensors" if (path / "adapter_model.safetensors").exists() else "model.safetensors"
+    for name in (weights, "training_state.pt", "trainer_state.json"):
+        file = path / name
+        if not file.is_file() or file.stat().st_size == 0:
+            return f"{name} is missing or empty"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        int(state["step"])
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable"
+    return None
 
 
 def load_checkpoint(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from reasonrl.errors import UserError
 from reasonrl.lanpo.pool import MODES
 
 
@@ -147,7 +150,9 @@ def _best_similarity_metrics(best: list[float]) -> dict[str, float]:
     }
 
 
-_REWARD_COUNTS = ("reward/verify_timeouts", "reward/unparsable", "reward/verify_errors", "reward/skipped")
+_REWARD_COUNTS = (
+    "reward/verify_timeouts", "reward/unparsable", "reward/verify_errors", "reward/skipped", "reward/function_timeouts"
+)  # fmt: skip
 
 
 def _merge_reward_metrics(per_process: list[list[dict[str, float]]]) -> dict[str, float]:
@@ -207,10 +212,27 @@ class MetricsLogger:
 
 
 def _open_log(path: Path, resume_step: int | None) -> Any:
-    """Open a JSONL log for appending; on resume, first drop the records of steps after the checkpoint."""
+    """Open a JSONL log for appending; on resume, first drop the records of steps after the checkpoint (rewritten
+    atomically). A torn last line (the process was killed mid-write) is dropped with a warning; damage anywhere
+    else is refused, naming the line."""
     if resume_step is not None and path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln]
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                if i == len(lines) - 1:
+                    warnings.warn(f"{path}: dropped a torn last line (the run was killed writing it)", stacklevel=2)
+                    continue
+                raise UserError(
+                    f"{path}, line {i + 1}: not a reasonrl log record; repair or delete that line, then resume"
+                ) from None
+            if step <= resume_step:
+                keep.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
     return path.open("a")
 
 

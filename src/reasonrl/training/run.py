@@ -18,6 +18,8 @@ def new_run_dir(cfg: Config) -> Path:
     name = cfg.train.run_name or agree(f"{cfg.algorithm.advantage}-{datetime.now():%Y%m%d-%H%M%S}", cfg.model.device)
     path = Path(cfg.train.output_dir) / name
     if (path / "config.yaml").exists() and rank_from_env() == 0:  # process 0 writes it
+        if latest_checkpoint(path) is None:
+            raise UserError(f"run directory {path} exists but has no checkpoint; delete it or pick another run_name")
         raise UserError(f"run directory {path} exists; pick another train.run_name or resume with --resume {path}")
     return path  # created by the Trainer once data and model have loaded, so a failed start leaves nothing
 

@@ -24,7 +24,7 @@ import torch
 from reasonrl import algorithms
 from reasonrl.config import Config
 from reasonrl.data.problems import Problem, reward_columns
-from reasonrl.data.prompts import prompt_ids
+from reasonrl.data.prompts import PromptFormat, prompt_ids
 from reasonrl.data.sources import load_training_data
 from reasonrl.data.stream import ProblemStream
 from reasonrl.errors import UserError
@@ -98,13 +98,15 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # the fused kernel (one per parameter instead of a dozen ops) where torch has it: same update to float rounding
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
-        optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        optimizer = torch.optim.AdamW(
+            trainable, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, fused=fused or None
+        )
         # the loss runs through accelerate's DDP wrapper with several processes, else the model itself; generation,
         # evaluation and checkpoints use the bare `model`, which shares its parameters
         train_model, optimizer = procs.prepare(self.model, optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(t.lr_schedule, t.warmup_steps, max(1, t.steps * a.num_iterations))
-        )
+        updates = max(1, t.steps * a.num_iterations)
+        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * updates)  # transformers' rule: steps win over the ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.lr_schedule, warmup, updates))
         self.updater = PolicyUpdate(
             cfg, procs, self.model, train_model, optimizer, scheduler, ref_model, self.device,
             forward=resolve_forward(t.forward, self.model), pad_id=self.tokenizer.pad_token_id,
@@ -114,6 +116,7 @@ class Trainer:
         # budget counters (train.max_seconds / max_tokens): sums of time/step and tokens/sampled, checkpointed
         self.elapsed, self.tokens_total = 0.0, 0
         self.stream = ProblemStream(self.problems, t.seed)
+        self.prompt_format = PromptFormat.from_config(cfg.data)
         self.sampling = SamplingParams(
             cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k
         )
@@ -122,7 +125,10 @@ class Trainer:
             cfg.save(run_dir / "config.yaml")
         ckpt = latest_checkpoint(run_dir) if resume else None
         if resume and ckpt is None:
-            raise UserError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
+            raise UserError(
+                f"{run_dir} has no complete checkpoint to resume from (it stopped before its first one; "
+                f"train.save_every={t.save_every}): delete that directory, or start anew under another train.run_name"
+            )
         # RL starts from the same RNG state whether or not the warm-start was cached; processes sample differently
         torch.manual_seed(t.seed + procs.rank)
         if ckpt is not None:
@@ -181,7 +187,7 @@ class Trainer:
     def write_lessons(self, prompts: list[str]) -> list[tuple[str, int]]:
         """LANPO abstraction: the current policy condenses trajectories into lessons, greedily, in one batch."""
         with self.timer.stage("abstraction"):
-            ids = [prompt_ids(self.tokenizer, t, self.cfg.data.system_prompt) for t in prompts]
+            ids = [prompt_ids(self.tokenizer, t, self.prompt_format) for t in prompts]
             sampling = SamplingParams(self.cfg.algorithm.lanpo.lesson_max_tokens, temperature=0.0)
             return [(c.text, len(c.token_ids)) for c in self.engine.generate(ids, 1, sampling)]
 
@@ -329,7 +335,7 @@ class Trainer:
                     [
                         PoolEntry(
                             p.problem.id,
-                            p.problem.prompt,
+                            p.problem.statement,
                             c.text,
                             float(w),
                             batch.step,
@@ -396,7 +402,7 @@ class Trainer:
         cache: dict[str, list[int]] = {}
         for t in texts:
             if t not in cache:
-                cache[t] = prompt_ids(self.tokenizer, t, self.cfg.data.system_prompt)
+                cache[t] = prompt_ids(self.tokenizer, t, self.prompt_format)
         return [cache[t] for t in texts]
 
     # ---- around the steps -------------------------------------------------------------------------------------
@@ -415,7 +421,7 @@ class Trainer:
             k=e.k,
             temperature=e.temperature,
             batch_size=e.batch_size,
-            system_prompt=self.cfg.data.system_prompt,
+            prompt_format=self.prompt_format,
             # LANPO runs also report feedback-augmented accuracy (a reward-agnostic second attempt, SPEC §5)
             reflect_template=self.feedback.templates.reflect if self.feedback is not None else None,
             # an engine with its own weights (vLLM) is reused; the policy's engines get a fresh one at eval's batch size
