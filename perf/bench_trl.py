@@ -207,32 +207,22 @@ def prompt_order(seed: int, num_prompts: int, data: str = "") -> list[tuple[str,
     return [(p.prompt, p.answer) for p in ProblemStream(problems, seed).take(num_prompts)]
 
 
-# the prompt of recipes/smollm2-arithmetic.yaml: one worked example, which a 135M model needs to box its answer
-FEW_SHOT = (
-    "Example: What is 4 + 5? 4 + 5 = 9. The answer is \\boxed{{9}}.\n\nNow solve: {question}\n"
-    "End with the answer in \\boxed{{}}."
-)
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-arithmetic.yaml"
 
 
-def prepare_smollm2(seed: int, work: Path, size: int = 2000) -> tuple[Path, str]:
-    """(model folder, problems JSONL): the packaged SmolLM2-135M-Instruct, and reasoning-gym two-term addition
-    problems (one digit each, where the model starts near 30% correct) asking for a boxed answer."""
-    import reasoning_gym
-
+def prepare_smollm2(seed: int, work: Path) -> tuple[Path, str]:
+    """(model folder, problems JSONL): the packaged SmolLM2-135M-Instruct and the training problems of
+    recipes/smollm2-arithmetic.yaml (reasoning-gym additions in the recipe's prompt template), written as plain
+    prompt/answer rows that both trainers read."""
+    from reasonrl.config import load_config
+    from reasonrl.data.sources import load_training_data
     from reasonrl.model.packaged import resolve_model_path
 
-    model_dir = Path(resolve_model_path("smollm2-135m-instruct"))
-    gen = reasoning_gym.create_dataset(
-        "basic_arithmetic", size=size, seed=seed, min_terms=2, max_terms=2, min_digits=1, max_digits=1,
-        operators=["+"], allow_negation=False, allow_parentheses=False,
-    )  # fmt: skip
+    cfg = load_config(RECIPE, [f"train.seed={seed}"])
+    problems, _ = load_training_data(cfg)
     path = work / "problems.jsonl"
-    rows = [
-        {"id": f"add-{i}", "prompt": FEW_SHOT.format(question=e["question"]), "answer": e["answer"]}
-        for i, e in enumerate(gen)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return model_dir, str(path)
+    path.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems))
+    return Path(resolve_model_path(cfg.model.name)), str(path)
 
 
 def prepare(warmstart_steps: int, seed: int, model_dir: Path) -> None:

@@ -53,8 +53,17 @@ def test_conversion_is_the_gguf_model_and_is_cached(cache: Path, loaded: tuple) 
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert packaged.resolve_model_path(f"gguf:{packaged.gguf_file(NAME)}") == str(folder)  # same file, same folder
 
-    # the saved folder is the model transformers reads from the GGUF itself, weight for weight
+    # an independent reference: gguf's own dequantiser on a 4-bit matrix of the file, against the saved weights
+    import gguf
+    import numpy as np
+
     source = packaged.gguf_file(NAME)
+    tensor = next(t for t in gguf.GGUFReader(source).tensors if t.name == "blk.0.ffn_down.weight")
+    assert tensor.tensor_type.name == "Q4_1"
+    reference = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    np.testing.assert_array_equal(model.model.layers[0].mlp.down_proj.weight.detach().numpy(), reference)
+
+    # and the saved folder is the model transformers reads from the GGUF itself, logit for logit
     direct = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
     ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
     with torch.no_grad():
@@ -87,6 +96,16 @@ def test_missing_package_or_file_is_one_line(monkeypatch: pytest.MonkeyPatch, tm
     with pytest.raises(UserError, match="no such GGUF file"):
         packaged.resolve_model_path(f"gguf:{tmp_path / 'missing.gguf'}")
     assert packaged.resolve_model_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # other names pass through
+
+
+def test_a_file_that_is_not_a_model_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("REASONRL_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(UserError, match=r"model.name=gguf:.*bad.gguf: cannot convert"):
+        packaged.resolve_model_path(f"gguf:{bad}")
+    models = tmp_path / "cache" / "models"
+    assert not [p for p in models.iterdir() if p.is_dir()]  # no half-written folder left behind
 
 
 @pytest.mark.slow

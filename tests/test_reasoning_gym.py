@@ -244,3 +244,14 @@ def test_template_wraps_the_question_and_lanpo_sees_the_bare_statement() -> None
     cfg.data.reasoning_gym.template = "no placeholder"
     with pytest.raises(UserError, match=r"must contain \{question\}"):
         load_training_data(cfg)
+
+
+def test_reasoning_gym_alone_cannot_judge_other_problems() -> None:
+    """With reasoning_gym as the only judge, an eval set of other problems would score 0 % silently: refused."""
+    from reasonrl.data.problems import Problem
+    from reasonrl.errors import UserError
+    from reasonrl.evaluate import evaluate
+    from reasonrl.rewards.stage import Rewards
+
+    with Rewards(["reasoning_gym"]) as judge, pytest.raises(UserError, match="add math_answer"):
+        evaluate(None, None, [Problem("q1", "1+1=", "2")], judge, max_new_tokens=4, engine=object())

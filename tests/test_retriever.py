@@ -371,9 +371,14 @@ def test_best_similarity_distribution_uses_nearest_rank():
 
 
 def test_lexical_best_is_reported_below_gamma_too(tmp_path):
+    """Scored candidates below γ still report their best; a query whose terms cannot reach γ at all scores nothing,
+    and reports no best (not 0.0, which would drag the distribution down)."""
     with pool_of(tmp_path / "lex.sqlite", {"paraphrase": FARMER_DIAZ, "hexagon": HEXAGON}, None) as lex:
-        found = lex.search(FARMER_LEE, exclude_id="lee", gamma=0.9, top_k=4)
-        assert found.neighbours == [] and found.best is not None and 0.0 <= found.best < 0.9
+        found = lex.search(FARMER_LEE, exclude_id="lee", gamma=0.5, top_k=4)
+        assert found.neighbours and found.best is not None and 0.5 <= found.best < 0.9
+        found = lex.search(FARMER_LEE, exclude_id="lee", gamma=0.6, top_k=4)
+        assert found.neighbours == [] and found.best is not None and found.best < 0.6
+        assert lex.search(FARMER_LEE, exclude_id="lee", gamma=0.9, top_k=4).best is None
     with ExperiencePool(tmp_path / "empty.sqlite") as empty:
         assert empty.search(FARMER_LEE, exclude_id="lee", gamma=0.9, top_k=4).best is None
 

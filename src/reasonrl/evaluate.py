@@ -15,6 +15,7 @@ import torch
 
 from reasonrl.data.problems import Problem, reward_columns
 from reasonrl.data.prompts import PromptFormat, prompt_ids
+from reasonrl.data.reasoning_gym import COLUMN as RG_COLUMN
 from reasonrl.errors import UserError
 from reasonrl.lanpo.feedback import reflect_prompt
 from reasonrl.rewards.math import extract_answer
@@ -206,14 +207,20 @@ def _evaluate(
     prompt_format: PromptFormat | None,
     reflect_template: str | None,
 ) -> dict[str, float]:
+    judges = getattr(verifier, "functions", {})
+    if "math_answer" not in judges and "reasoning_gym" in judges and any(RG_COLUMN not in p.metadata for p in problems):
+        raise UserError(
+            "evaluation would judge answers with the reasoning_gym reward alone, which scores only reasoning-gym "
+            "problems; add math_answer to rewards.functions (weight 0 keeps it out of the training reward)"
+        )
     prompts = [prompt_ids(tokenizer, p.prompt, prompt_format) for p in problems]
     columns = reward_columns(problems)
     greedy = sampler.generate(prompts, 1, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     out = verifier([p.prompt for p in problems], [c.text for c in greedy], columns, [c.token_ids for c in greedy])
     if out.correct is None:
         raise UserError(
-            "evaluation scores accuracy with the math_answer reward function, which rewards.functions does not list; "
-            "add it (weight 0 keeps it out of the training reward: rewards.weights)"
+            "evaluation scores accuracy with the math_answer (or reasoning_gym) reward function, which "
+            "rewards.functions does not list; add it (weight 0 keeps it out of the training reward: rewards.weights)"
         )
     metrics = {
         "accuracy": sum(out.correct) / len(problems),

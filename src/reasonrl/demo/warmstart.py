@@ -30,6 +30,7 @@ from reasonrl.demo import arithmetic
 from reasonrl.demo.tiny_model import build_tiny_model
 from reasonrl.errors import UserError
 from reasonrl.lanpo.feedback import FIELDS, Templates, abstract_prompt, lesson_prompt, reflect_prompt, templates_for
+from reasonrl.model import packaged
 from reasonrl.rewards.math import extract_answer
 
 CACHE_VERSION = 2
@@ -43,8 +44,7 @@ class Example(NamedTuple):
 
 
 def cache_root(cfg: Config) -> Path:
-    base = cfg.warmstart.cache_dir or os.environ.get("REASONRL_CACHE") or Path.home() / ".cache" / "reasonrl"
-    return Path(base) / "warmstart"
+    return packaged.cache_root(cfg.warmstart.cache_dir) / "warmstart"
 
 
 def feedback_templates(cfg: Config) -> Templates | None:

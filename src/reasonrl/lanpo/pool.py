@@ -676,8 +676,8 @@ class ExperiencePool:
         q_vec = {t: c * idf(n_problems, df.get(t, 0)) for t, c in query.items()}
         q_norm = math.sqrt(sum(w * w for w in q_vec.values()))
         chosen = self._prefix_terms(q_vec, q_norm, df, gamma)
-        if not chosen:
-            return Retrieval([], 0.0)
+        if not chosen:  # no problem can reach γ: the best similarity is below it, not known
+            return Retrieval([], None)
         # Rank every problem sharing a chosen term by its partial dot product over those terms (tf taken as 1), via
         # each term's posting list; this is cheaper than FTS5's bm25, which rescans the lists to count documents.
         scores: dict[int, float] = {}
@@ -687,19 +687,19 @@ class ExperiencePool:
                 "SELECT rowid FROM problem_index WHERE problem_index MATCH ?", (f'"{term}"',)
             ):
                 scores[pid] = scores.get(pid, 0.0) + weight  # terms are [a-z0-9@]+: quoting makes them safe
-        best = [pid for pid, _ in heapq.nsmallest(limit + 1, scores.items(), key=lambda item: (-item[1], item[0]))]
+        ranked = [pid for pid, _ in heapq.nsmallest(limit + 1, scores.items(), key=lambda item: (-item[1], item[0]))]
         found: dict[int, tuple[str, str]] = {}
-        for chunk in _chunks(best):
+        for chunk in _chunks(ranked):
             rows = self._db.execute(
                 f"SELECT pid, problem_id, terms FROM problems WHERE pid IN ({_marks(len(chunk))})", chunk
             )
             found.update((pid, (problem_id, terms)) for pid, problem_id, terms in rows)
-        rows = [found[pid] for pid in best if found[pid][0] != exclude_id][:limit]
+        rows = [found[pid] for pid in ranked if found[pid][0] != exclude_id][:limit]
         candidates = [(problem_id, json.loads(terms)) for problem_id, terms in rows]
         df.update(self._df(t for _, terms in candidates for t in terms if t not in df))
         term_idf = {t: idf(n_problems, count) for t, count in df.items()}
         scored: list[tuple[str, float]] = []
-        best = 0.0
+        best: float | None = None
         for problem_id, terms in candidates:
             dot = 0.0
             d_sq = 0.0
@@ -709,7 +709,7 @@ class ExperiencePool:
                 if t in q_vec:
                     dot += w * q_vec[t]
             sim = min(1.0, dot / (q_norm * math.sqrt(d_sq))) if dot > 0 else 0.0
-            best = max(best, sim)
+            best = sim if best is None else max(best, sim)
             if sim > 0 and sim >= gamma - _SIM_SLACK:
                 scored.append((problem_id, sim))
         scored.sort(key=lambda item: (-item[1], item[0]))
