@@ -60,6 +60,7 @@ def test_second_round_prompts_are_the_template_filled_with_the_first_attempt(mon
         assert p.answer not in added and "reward" not in added.lower() and "correct" not in added.lower()
     assert "46" not in second[0] and "125" not in second[1]  # wrong first attempts: the gold answer is nowhere
     assert res["accuracy"] == 0.25 and res["feedback_accuracy"] == 0.75 and res["feedback_truncated"] == 0.0
+    assert res["feedback_fixed"] == 0.5 and res["feedback_broken"] == 0.0  # problems 1 and 3 fixed, none broken
 
 
 def test_no_template_no_second_round(monkeypatch, verifier):

@@ -236,6 +236,13 @@ def _evaluate(
         )
         res = verifier([p.prompt for p in problems], [c.text for c in second], columns, [c.token_ids for c in second])
         metrics["feedback_accuracy"] = sum(res.correct) / len(problems)
+        # what the second attempt changed: wrong answers it fixed, right ones it broke (shares of all problems)
+        metrics["feedback_fixed"] = sum(b and not a for a, b in zip(out.correct, res.correct, strict=True)) / len(
+            problems
+        )
+        metrics["feedback_broken"] = sum(a and not b for a, b in zip(out.correct, res.correct, strict=True)) / len(
+            problems
+        )
         metrics["feedback_truncated"] = sum(c.truncated for c in second) / len(problems)
     if n > 1:
         sampled = sampler.generate(prompts, n, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature))
