@@ -337,3 +337,20 @@ def test_data_module_does_not_import_torch_or_datasets() -> None:
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_a_save_to_disk_folder_loads(tmp_path: Path) -> None:
+    """Folders written by datasets' save_to_disk load like any source: a Dataset, or a DatasetDict's split."""
+    datasets = pytest.importorskip("datasets")
+    rows = {"question": ["1+1", "2+2"], "answer": ["2", "4"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(tmp_path / "one")
+    got = load_problems(str(tmp_path / "one"), columns={"prompt": "question"})
+    assert [(p.prompt, p.answer) for p in got] == [("1+1", "2"), ("2+2", "4")]
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(
+        {"question": ["3+3"], "answer": ["6"]})})  # fmt: skip
+    both.save_to_disk(tmp_path / "dict")
+    assert [p.answer for p in load_problems(str(tmp_path / "dict"), split="test", columns={"prompt": "question"})] == [
+        "6"
+    ]
+    with pytest.raises(UserError, match="no such split; the folder has train, test"):
+        load_problems(str(tmp_path / "dict"), split="validation", columns={"prompt": "question"})

@@ -145,8 +145,8 @@ def load_problems(
 
     ``source`` is a path ending ``.jsonl``/``.json`` (JSON lines; a ``.json`` file holding one JSON array of
     objects is accepted too), ``.parquet``, or anything ``datasets.load_dataset`` accepts (a hub name such as
-    ``openai/gsm8k`` when online, or a local dataset directory with e.g. ``train.jsonl`` inside). ``split`` is
-    only used for ``datasets`` sources.
+    ``openai/gsm8k`` when online, a local dataset directory with e.g. ``train.jsonl`` inside, or a folder written by
+    ``save_to_disk``). ``split`` is only used for ``datasets`` sources (and a saved ``DatasetDict``).
 
     ``columns`` maps Problem fields to the dataset's column names, merged over :data:`DEFAULT_COLUMNS`, e.g.
     ``{"prompt": "question"}``. A field named in ``columns`` must exist; otherwise only prompt and answer
@@ -379,8 +379,17 @@ def _hf_rows(
             "(pip install 'reasonrl[datasets]'); or pass a local .jsonl/.parquet file instead"
         ) from None
     try:
-        args = (name,) if subset is None else (name, subset)
-        ds = datasets.load_dataset(*args, split=split)
+        if _saved_to_disk(name):  # a folder written by Dataset.save_to_disk / DatasetDict.save_to_disk
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"{label}: no such split; the folder has {', '.join(ds)} (data.split / --split)")
+                ds = ds[split]
+        else:
+            args = (name,) if subset is None else (name, subset)
+            ds = datasets.load_dataset(*args, split=split)
+    except UserError:
+        raise
     except Exception as e:  # network, hub, builder and split errors all mean "cannot load"
         raise UserError(
             f"cannot load dataset '{name}' ({where}): {_one_line(e)}; pass a local .jsonl/.parquet file instead"
@@ -397,6 +406,11 @@ def _hf_rows(
             yield f"{label} row {index}", row
 
     return rows(), label
+
+
+def _saved_to_disk(name: str) -> bool:
+    path = Path(name).expanduser()
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 def _check_columns(label: str, present: list[str], layout: RowLayout) -> None:
