@@ -354,3 +354,22 @@ def test_a_save_to_disk_folder_loads(tmp_path: Path) -> None:
     ]
     with pytest.raises(UserError, match="no such split; the folder has train, test"):
         load_problems(str(tmp_path / "dict"), split="validation", columns={"prompt": "question"})
+
+
+def test_eval_on_the_training_file_is_said_out_loud(tmp_path: Path) -> None:
+    import warnings
+
+    from reasonrl.config import load_config
+    from reasonrl.data.sources import load_training_data
+
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, [Problem("a", "1+1", "2"), Problem("b", "2+2", "4")])
+    held_out = tmp_path / "test.jsonl"
+    write_jsonl(held_out, [Problem("c", "3+3", "6")])
+    with pytest.warns(UserWarning, match="eval accuracy is measured on the training problems"):
+        _, test = load_training_data(load_config(None, [f"data.source={train}"]))
+    assert [p.id for p in test] == ["a", "b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, test = load_training_data(load_config(None, [f"data.source={train}", f"data.eval_source={held_out}"]))
+    assert [p.id for p in test] == ["c"]

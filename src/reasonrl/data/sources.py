@@ -7,6 +7,7 @@ MATH-500), `reasoning_gym:NAME` (a reasoning-gym generator, `data.reasoning_gym.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,13 @@ def load_training_data(cfg: Any) -> tuple[list[Problem], list[Problem]]:
     else:
         train = train[: d.limit]
     test = source_split(d.source if d.eval_source is None else d.eval_source, "test", task=cfg.task, data=d)
-    if test is None:
-        test = train if d.eval_source is None else load_problems(d.eval_source, split=d.eval_split, columns=d.columns)
+    if test is None and d.eval_source is None:
+        warnings.warn(
+            f"data.eval_source is not set: eval accuracy is measured on the training problems of {d.source} (set "
+            "data.eval_source to a held-out file or dataset)",
+            stacklevel=2,
+        )
+        test = train
+    elif test is None:
+        test = load_problems(d.eval_source, split=d.eval_split, columns=d.columns)
     return train, test
