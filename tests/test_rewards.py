@@ -357,3 +357,20 @@ def test_reward_function_timeout_is_an_option_that_changes_the_cutoff() -> None:
         with rewards, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert rewards(["p"], ["c"], {}).per_function["slow"] == expected
+
+
+def test_trl_reward_functions_work_unchanged_with_messages() -> None:
+    """rewards.completion_format=messages hands user functions TRL's conversational form, so trl.rewards functions
+    run as they are (with a `solution` dataset column); built-in functions still get text; `text` (the default)
+    gives strings, on which TRL's functions fail."""
+    trl_rewards = pytest.importorskip("trl.rewards")
+    completions = ["<think>\n2 and 2\n</think>\nThe answer is $4$.", "no thinking, $5$"]
+    columns = {"answer": ["4", "4"], "solution": ["$4$", "$4$"]}
+    funcs = {"think": trl_rewards.think_format_reward, "acc": trl_rewards.accuracy_reward}
+    names = ["think", "acc", "math_answer"]
+    with Rewards(names, callables=funcs, completion_format="messages", num_workers=1) as rewards:
+        out = rewards(["2+2?", "2+2?"], completions, columns)
+    assert out.per_function["think"] == [1.0, 0.0] and out.per_function["acc"] == [1.0, 0.0]
+    assert out.per_function["math_answer"] == [0.0, 0.0]  # text as always: neither completion boxes an answer
+    with Rewards(["think"], callables=funcs) as rewards, pytest.raises(UserError, match="reward function 'think'"):
+        rewards(["2+2?", "2+2?"], completions, columns)

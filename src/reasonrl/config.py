@@ -194,6 +194,11 @@ class RewardConfig:
     weights: list[float] | None = _opt([1.0, 0.1], "one weight per function (default all 1.0)")
     timeout_s: float = _opt(5.0, "wall-clock limit per verified item; a timeout scores 0", gt=0)
     num_workers: int = _opt(2, "verifier worker processes", ge=1)
+    completion_format: Literal["text", "messages"] = _opt(
+        "text",
+        "how your reward functions get prompts and completions: text (strings) | messages (TRL's conversational "
+        "form, lists of {role, content}, which trl.rewards functions expect); built-in functions always get text",
+    )
     function_timeout_s: float = _opt(
         60.0,
         "wall-clock limit per call of each reward function on a batch; a call past it is abandoned (its thread keeps "

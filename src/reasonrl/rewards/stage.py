@@ -201,11 +201,14 @@ class Rewards:
         settings: dict[str, dict[str, Any]] | None = None,
         callables: dict[str, RewardFunc] | None = None,
         function_timeout_s: float = 60.0,
+        completion_format: str = "text",
     ) -> None:
         """``settings``: extra keyword arguments for built-in factories by name (e.g. ``rouge_l``'s ``tokenize``);
         ``callables``: functions given as objects (the Python API), used for their names instead of loading them;
-        ``function_timeout_s``: the limit of one call of a function on a batch (`rewards.function_timeout_s`)."""
+        ``function_timeout_s``: the limit of one call of a function on a batch (`rewards.function_timeout_s`);
+        ``completion_format``: `messages` gives functions that are not built in TRL's conversational form."""
         self.function_timeout_s = function_timeout_s
+        self.completion_format = completion_format
         names = list(names)
         if not names:
             raise UserError("rewards: at least one reward function is needed")
@@ -251,9 +254,15 @@ class Rewards:
         kwargs: dict[str, Any] = {"prompts": list(prompts), "completions": list(completions), **columns}
         if completion_ids is not None:
             kwargs["completion_ids"] = completion_ids
+        as_messages = {
+            **kwargs,
+            "prompts": [[{"role": "user", "content": p}] for p in prompts],
+            "completions": [[{"role": "assistant", "content": c}] for c in completions],
+        }
         timed_out: list[str] = []
         for name, fn in self.functions.items():
-            out = _call(name, fn, kwargs, self.function_timeout_s)
+            messages = self.completion_format == "messages" and name not in REWARD_FUNCTIONS
+            out = _call(name, fn, as_messages if messages else kwargs, self.function_timeout_s)
             if out is _TIMED_OUT:
                 warnings.warn(
                     f"reward function '{name}' took longer than rewards.function_timeout_s={self.function_timeout_s:g} "
@@ -355,4 +364,5 @@ def build_rewards(cfg: Any, tokenizer: Any, callables: dict[str, RewardFunc] | N
         settings=settings,
         callables=callables,
         function_timeout_s=cfg.rewards.function_timeout_s,
+        completion_format=cfg.rewards.completion_format,
     )
