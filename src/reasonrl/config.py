@@ -314,6 +314,7 @@ class TrainConfig:
     sample_every: int = _opt(20, "print sample completions every N steps (0 = never)", ge=0)
     eval_every: int = _opt(0, "eval interval in steps (0 = before and after training only)", ge=0)
     tensorboard: bool = _opt(True, "also log to TensorBoard")
+    report_to: list[str] = _opt([], "external trackers, each also gets every record: wandb, mlflow, trackio")
     log_completions: bool = _opt(
         True, "write every sampled completion, its context mode and prompt to completions.jsonl"
     )
@@ -339,6 +340,12 @@ class TrainConfig:
     ref_offload: bool = _opt(False, "keep the reference model (beta > 0) on the CPU between its passes")
 
     def __post_init__(self) -> None:
+        for name in self.report_to:
+            if name not in ("wandb", "mlflow", "trackio"):
+                raise UserError(
+                    f"config 'train.report_to' lists '{name}'{did_you_mean(name, ['wandb', 'mlflow', 'trackio'])}; "
+                    "the trackers are wandb, mlflow and trackio (TensorBoard is train.tensorboard)"
+                )
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise UserError(f"config 'train.adam_betas' must be two numbers in [0, 1), got {self.adam_betas}")
 
@@ -507,7 +514,7 @@ TRL_KEYS: dict[str, str] = {
     "run_name": "train.run_name",
     "save_steps": "train.save_every",
     "eval_steps": "train.eval_every",
-    "report_to": "train.tensorboard",
+    "report_to": "train.report_to",
 }
 
 

@@ -176,7 +176,10 @@ class MetricsLogger:
     uninterrupted one.
     """
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, *, tensorboard: bool, resume_step: int | None = None, trackers: list[Any] = ()
+    ) -> None:
+        self.trackers = list(trackers)  # train.report_to (training/trackers.py)
         self.path = run_dir / "metrics.jsonl"
         self.file = _open_log(self.path, resume_step)
         self.completions = _open_log(run_dir / "completions.jsonl", resume_step)
@@ -194,6 +197,8 @@ class MetricsLogger:
         record = {"step": step, **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -207,6 +212,8 @@ class MetricsLogger:
     def close(self) -> None:
         self.file.close()
         self.completions.close()
+        for tracker in self.trackers:
+            tracker.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -40,6 +40,7 @@ from reasonrl.training.batch import Batch, Round, make_micro_batches, strip_cont
 from reasonrl.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from reasonrl.training.distributed import Processes, runs_on_cpu
 from reasonrl.training.metrics import MetricsLogger, StageTimer, read_metrics, step_metrics
+from reasonrl.training.trackers import open_trackers
 from reasonrl.training.update import PolicyUpdate
 
 
@@ -141,8 +142,9 @@ class Trainer:
             self.pool, self.feedback = self._open_pool(resume)
         self.logger = None
         if procs.is_main:
+            trackers = open_trackers(t.report_to, run_dir, cfg.to_dict(), resume)
             self.logger = MetricsLogger(
-                run_dir, tensorboard=t.tensorboard, resume_step=self.global_step if resume else None
+                run_dir, tensorboard=t.tensorboard, resume_step=self.global_step if resume else None, trackers=trackers
             )
         self.timer = StageTimer()
         self.last_samples: list[tuple[str, str, float]] = []
