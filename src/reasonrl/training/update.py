@@ -138,7 +138,8 @@ class PolicyUpdate:
             plans.append((recorded, passes))
         n_passes = sum(len(passes) for _, passes in plans)
         # sharded: every pass has a backward (a zero one for the metric-only passes), as many as the busiest process's
-        pad = int(procs.max(n_passes)) - n_passes if procs.sharded else 0
+        # and at least one (all-zero gradients then, and AdamW steps on them, as DDP's synchronising pass makes it)
+        pad = max(int(procs.max(n_passes)), 1) - n_passes if procs.sharded else 0
         for iteration in range(a.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             backward = False
