@@ -200,9 +200,12 @@ def test_stage_times_add_up_to_the_step_time(tiny_overrides, tmp_path):
 
 
 def test_fsdp_on_one_process_trains_unsharded(tiny_overrides, tmp_path):
-    """`train.sharding=fsdp` without a launch: nothing to shard, the same step as `none` (docs/scale-out.md)."""
-    trainer, metrics, before = step(tiny_overrides, tmp_path, "train.sharding=fsdp")
-    plain, reference, _ = step(tiny_overrides, tmp_path / "plain")
+    """`train.sharding=fsdp` without a launch: nothing to shard, the same step as `none` (docs/scale-out.md), bf16
+    autocast over float32 master weights included."""
+    bf16 = "model.dtype=bfloat16"
+    trainer, metrics, before = step(tiny_overrides, tmp_path, "train.sharding=fsdp", bf16)
+    plain, reference, _ = step(tiny_overrides, tmp_path / "plain", bf16)
+    assert trainer.procs.accelerator.mixed_precision == "bf16"
     assert not trainer.procs.sharded and changed(trainer, before)
     assert torch.equal(weights(trainer), weights(plain))
     assert metrics["loss"] == reference["loss"]

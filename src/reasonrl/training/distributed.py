@@ -91,8 +91,10 @@ class Processes:
                 _refuse_sharded(kind)
         if cpu and mixed_precision == "fp16":  # accelerate would quietly run it in float32
             raise UserError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or none")
-        # FSDP computes in the policy's compute dtype itself (`fsdp.shard`): accelerate's autocast stays off
-        precision = "no" if mixed_precision == "none" or sharding == "fsdp" else mixed_precision
+        # FSDP computes in the policy's compute dtype itself (`fsdp.shard`): accelerate's autocast stays off (one
+        # process is not sharded and keeps it)
+        sharded = sharding == "fsdp" and world_size_from_env() > 1
+        precision = "no" if mixed_precision == "none" or sharded else mixed_precision
         try:
             self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
         except ValueError as e:  # a precision this machine cannot run (e.g. bf16 on an old GPU)
@@ -103,7 +105,7 @@ class Processes:
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         # one process has nothing to shard: it trains the whole model as without the option
-        self.sharded = sharding == "fsdp" and self.world > 1
+        self.sharded = sharded and self.world > 1
 
     # ---- model -----------------------------------------------------------------------------------------------
 
