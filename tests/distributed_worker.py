@@ -27,7 +27,10 @@ def main(out: str, run_dir: str, *overrides: str) -> None:
         problems = trainer.stream.take(cfg.rollout.prompts_per_step)
         prompts = [trainer._prompt_ids([p.prompt])[0] for p in problems]
         torch.manual_seed(1234)  # the same global batch in every process
-        comps = trainer.engine.generate(prompts, G, SamplingParams(cfg.rollout.max_new_tokens, 1.0))
+        with trainer.procs.full_weights(trainer.model):  # train.sharding=fsdp: sampling needs the whole weights
+            _check_gathered(trainer, gathered=True)
+            comps = trainer.engine.generate(prompts, G, SamplingParams(cfg.rollout.max_new_tokens, 1.0))
+        _check_gathered(trainer, gathered=False)
         # rewards from completion lengths: every group informative, some sequences with advantage 0
         rewards = torch.tensor([float(len(c.token_ids) % 3) for c in comps], dtype=torch.float64)
         group_ids = torch.arange(len(problems)).repeat_interleave(G)
@@ -44,18 +47,44 @@ def main(out: str, run_dir: str, *overrides: str) -> None:
         grads, step = {}, trainer.optimizer.step
 
         def capture(*args, **kwargs):
-            grads.update({k: p.grad.detach().clone() for k, p in named})
+            grads.update({k: _full(p.grad) for k, p in named})
             return step(*args, **kwargs)
 
         trainer.optimizer.step = capture
         old, ref = trainer.updater.reference_logprobs(mbs)
         metrics = trainer.updater.step(mbs, old, ref)
+        with trainer.procs.full_weights(trainer.model):  # a second window, after an update: the same
+            _check_gathered(trainer, gathered=True)
+        _check_gathered(trainer, gathered=False)
+        params = {k: _full(v) for k, v in named}  # every process: gathering a shard is collective
         if trainer.procs.is_main:
-            params = {k: v.detach().clone() for k, v in named}
             torch.save({"params": params, "grads": grads, "metrics": metrics, "world": trainer.procs.world}, out)
     finally:
         trainer.close()
     assert not torch.distributed.is_initialized()  # close() destroyed the process group
+
+
+def _check_gathered(trainer: Trainer, gathered: bool) -> None:
+    """Sharded runs: inside a window every parameter of every FSDP unit is a whole plain tensor; outside, every one
+    is a shard again (a window that resharded only the root would leave the decoder layers whole)."""
+    if not trainer.procs.sharded:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    units = [m for m in trainer.model.modules() if isinstance(m, FSDPModule)]
+    assert len(units) == 1 + trainer.cfg.model.num_layers  # the root and every decoder layer
+    for unit in units:
+        for name, p in unit.named_parameters():
+            assert isinstance(p, DTensor) != gathered, (type(unit).__name__, name, type(p).__name__)
+            if not gathered:  # this process's rows only
+                assert p.to_local().numel() < p.numel(), name
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain copy of `t`, gathered when it is a shard (`train.sharding=fsdp`)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
 
 
 if __name__ == "__main__":

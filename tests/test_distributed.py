@@ -41,8 +41,16 @@ def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return res
 
 
-@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
-def test_two_processes_take_the_same_step_as_one(tiny_overrides, tmp_path, loss_agg):
+AGGREGATIONS = ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize(
+    ("loss_agg", "sharding"), [*((agg, "none") for agg in AGGREGATIONS), *((agg, "fsdp") for agg in AGGREGATIONS)]
+)
+def test_two_processes_take_the_same_step_as_one(tiny_overrides, tmp_path, loss_agg, sharding):
+    """2 processes (DDP, or FSDP2 with `train.sharding=fsdp`) against 1 unsharded process on the same global batch:
+    3 groups on process 0 and 2 on process 1, micro-batches of 3 (4 against 3 passes); under FSDP the worker also
+    checks that every decoder layer is whole inside each sampling window and a shard again after it."""
     overrides = [
         *tiny_overrides, "warmstart.steps=0", "model.device=cpu", "rollout.prompts_per_step=5",
         "train.micro_batch_size=3", f"algorithm.loss_agg={loss_agg}", "algorithm.beta=0.05", "train.max_grad_norm=0",
@@ -50,7 +58,7 @@ def test_two_processes_take_the_same_step_as_one(tiny_overrides, tmp_path, loss_
     worker = str(ROOT / "tests" / "distributed_worker.py")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run([sys.executable, worker, str(one), str(tmp_path / "run1"), *overrides])
-    _run([*LAUNCH_2, worker, str(two), str(tmp_path / "run2"), *overrides])
+    _run([*LAUNCH_2, worker, str(two), str(tmp_path / "run2"), *overrides, f"train.sharding={sharding}"])
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"]) == (1, 2)
     initial = _initial_params(overrides)
@@ -125,7 +133,8 @@ def test_sharded_launches_are_refused_with_one_line(tiny_overrides, kind, monkey
     monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")  # what `accelerate launch --use_fsdp / --use_deepspeed` sets
     assert main(["train", *tiny_overrides]) == 2
     err = capsys.readouterr().err
-    assert kind in err and "ddp.yaml" in err and "Traceback" not in err
+    assert kind in err and "ddp.yaml" in err and "train.sharding=fsdp" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_two_process_lanpo_writes_one_pool_from_process_zero(tiny_overrides, tmp_path):
@@ -172,3 +181,70 @@ def test_a_process_with_no_group_still_joins_the_update(tiny_overrides, tmp_path
     _run([*LAUNCH_2, "-m", "reasonrl", "train", *args], timeout=300)
     steps = [r for r in _records(run) if "time/step" in r]
     assert [r["groups"] for r in steps] == [1, 1] and all(r["grad_norm"] > 0 for r in steps)
+
+
+def test_a_sharded_run_logs_what_ddp_logs_and_resumes_exactly(tiny_overrides, tmp_path):
+    """`train.sharding=fsdp` against DDP over 3 steps (the same global batches and seeds): the same metrics and final
+    weights; `model/` is a whole transformers folder; resuming from step 2 (AdamW's state gathered by name, weights
+    broadcast back into shards) repeats step 3 exactly; one process cannot resume a sharded checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    dense = ["rewards.functions=[math_answer,tests.conftest:length_reward]", "rewards.weights=[1.0,1.0]"]
+    args = [*tiny_overrides, *dense, "algorithm.beta=0.05", "train.steps=3", "train.save_every=2"]
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", *args, "train.run_name=ddp"])
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", *args, "train.run_name=fsdp", "train.sharding=fsdp"])
+    ddp, fsdp = tmp_path / "runs" / "ddp", tmp_path / "runs" / "fsdp"
+    a, b = _records(ddp), _records(fsdp)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 3] and all(r["grad_norm"] > 0 for r in b[1:4])
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key, value in x.items():
+            if not key.startswith("time/") and key != "tokens_per_s":
+                assert y[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (x["step"], key)
+    sharded = AutoModelForCausalLM.from_pretrained(fsdp / "model").state_dict()
+    whole = AutoModelForCausalLM.from_pretrained(ddp / "model").state_dict()
+    assert sharded.keys() == whole.keys()
+    for name, w in whole.items():
+        assert torch.allclose(sharded[name], w, atol=1e-5, rtol=0), name
+    step2 = AutoModelForCausalLM.from_pretrained(fsdp / "checkpoints" / "step-000002").state_dict()
+    assert not all(torch.equal(step2[k], v) for k, v in sharded.items())  # a checkpoint of its own step
+
+    copy, single = _killed_after_step_2(fsdp, tmp_path / "runs" / "resumed"), _killed_after_step_2(fsdp, tmp_path / "s")
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", "--resume", str(copy)])
+    resumed = _records(copy)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 3]
+    for key in ("reward/mean", "loss", "entropy", "grad_norm", "kl", "eval/accuracy"):
+        for x, y in zip(b[3:], resumed[3:], strict=True):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-9), key
+    again = AutoModelForCausalLM.from_pretrained(copy / "model").state_dict()
+    for name, w in sharded.items():
+        assert torch.equal(again[name], w), name
+
+    res = subprocess.run(
+        [sys.executable, "-m", "reasonrl", "train", "--resume", str(single)],
+        capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT,
+    )  # fmt: skip
+    assert res.returncode == 2 and "train.sharding=fsdp on 2 or more processes" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def _killed_after_step_2(run: Path, copy: Path) -> Path:
+    """A copy of a finished 3-step run as a run killed during step 3 leaves it."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-000003")
+    shutil.rmtree(copy / "model")
+    (copy / "checkpoints" / "latest").write_text("step-000002")
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [("lora.enabled=true", "lora"), ("rollout.engine=vllm", "vllm"), ("train.ref_offload=true", "ref_offload")],
+)
+def test_fsdp_refuses_what_it_does_not_combine_with(tiny_overrides, option, named, capsys):
+    from reasonrl.cli import main
+
+    assert main(["train", *tiny_overrides, "train.sharding=fsdp", option]) == 2
+    err = capsys.readouterr().err
+    assert "train.sharding=fsdp" in err and named in err and len(err.strip().splitlines()) == 1

@@ -199,6 +199,18 @@ def test_stage_times_add_up_to_the_step_time(tiny_overrides, tmp_path):
 # ---- GPU-path options (docs/scale-out.md): each value trains on the CPU, and says what it changed
 
 
+def test_fsdp_on_one_process_trains_unsharded(tiny_overrides, tmp_path):
+    """`train.sharding=fsdp` without a launch: nothing to shard, the same step as `none` (docs/scale-out.md), bf16
+    autocast over float32 master weights included."""
+    bf16 = "model.dtype=bfloat16"
+    trainer, metrics, before = step(tiny_overrides, tmp_path, "train.sharding=fsdp", bf16)
+    plain, reference, _ = step(tiny_overrides, tmp_path / "plain", bf16)
+    assert trainer.procs.accelerator.mixed_precision == "bf16"
+    assert not trainer.procs.sharded and changed(trainer, before)
+    assert torch.equal(weights(trainer), weights(plain))
+    assert metrics["loss"] == reference["loss"]
+
+
 @pytest.mark.parametrize("chunk", ["train.logprob_chunk=0", "train.logprob_chunk=16"])
 def test_logprob_chunk_gives_the_same_step(tiny_overrides, tmp_path, chunk):
     trainer, metrics, before = step(tiny_overrides, tmp_path, chunk)

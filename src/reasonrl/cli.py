@@ -246,7 +246,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"on {cfg.data.source} with model {cfg.model.name} → {run_dir}"
     )
     if (world := world_size_from_env()) > 1:
-        console.print(f"data-parallel over {world} processes; process 0 logs, evaluates and checkpoints")
+        how = "sharded (FSDP2)" if cfg.train.sharding == "fsdp" else "data-parallel"
+        console.print(f"{how} over {world} processes; process 0 logs, evaluates and checkpoints")
     a = cfg.algorithm
     names, weights = reward_spec(cfg)
     options = (

@@ -338,6 +338,12 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory, ~30% slower)")
     ref_offload: bool = _opt(False, "keep the reference model (beta > 0) on the CPU between its passes")
+    sharding: Literal["none", "fsdp"] = _opt(
+        "none",
+        "multi-process training: none (DDP, a full copy per process) | fsdp (torch FSDP2: parameters, gradients and "
+        "AdamW state sharded over the processes, whole weights gathered for sampling; docs/scale-out.md). One "
+        "process trains unsharded",
+    )
 
     def __post_init__(self) -> None:
         for name in self.report_to:

@@ -51,19 +51,25 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     rng: list[dict[str, Any]] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """`rng`: the RNG state of every process, in rank order (default: this process's)."""
+    """`rng`: the RNG state of every process, in rank order (default: this process's). `weights` /
+    `optimizer_state`: the full states gathered from a sharded model (default: the model's and optimiser's own);
+    a sharded run's optimiser state is keyed by parameter name, marked `optimizer_format: fqn`."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(tmp)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or [rng_state()]},
-        tmp / "training_state.pt",
-    )
+    blob = {"scheduler": scheduler.state_dict(), "rng": rng or [rng_state()]}
+    if optimizer_state is None:
+        blob["optimizer"] = optimizer.state_dict()
+    else:
+        blob.update(optimizer=optimizer_state, optimizer_format="fqn")
+    torch.save(blob, tmp / "training_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
     _fsync_dir(tmp)
     if final.exists():
@@ -112,7 +118,19 @@ def load_checkpoint(
     state (step, data cursor...)."""
     from safetensors.torch import load_file, load_model
 
-    if (path / "adapter_model.safetensors").exists():
+    from reasonrl.training.fsdp import is_sharded
+
+    sharded = is_sharded(model)
+    blob = _load_training_state(path / "training_state.pt")
+    if sharded != (blob.get("optimizer_format") == "fqn"):
+        how = "unsharded: resume it with train.sharding=none" if sharded else "sharded: resume it with "
+        how = how if sharded else how + "train.sharding=fsdp on 2 or more processes"
+        raise UserError(f"checkpoint {path} was written {how}")
+    if sharded:  # every process reads the full weights and keeps its shard (any process count)
+        from reasonrl.training.fsdp import load_model_state
+
+        load_model_state(model, load_file(path / "model.safetensors"))
+    elif (path / "adapter_model.safetensors").exists():
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
@@ -123,8 +141,12 @@ def load_checkpoint(
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
-    blob = _load_training_state(path / "training_state.pt")
-    optimizer.load_state_dict(blob["optimizer"])
+    if sharded:
+        from reasonrl.training.fsdp import load_optimizer_state
+
+        load_optimizer_state(model, optimizer, blob["optimizer"])
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     states = blob["rng"] if isinstance(blob["rng"], list) else [blob["rng"]]  # a dict: single-process checkpoints
     state = json.loads((path / "trainer_state.json").read_text())

@@ -2,8 +2,9 @@
 
 One process is the common case and costs nothing here: every collective below returns its input. Under
 `accelerate launch` (or torchrun) each process rolls out its share of the step's prompts, whole groups only, and
-the update runs data-parallel through accelerate's DDP wrapper of the model (`configs/accelerate/ddp.yaml`; FSDP
-and DeepSpeed launches are refused, see docs/scale-out.md). The gradient of a step equals the one-process gradient
+the update runs data-parallel through accelerate's DDP wrapper of the model (`configs/accelerate/ddp.yaml`), or,
+with `train.sharding=fsdp`, through FSDP2 (`fsdp.py`; accelerate's own FSDP and DeepSpeed launches are refused, see
+docs/scale-out.md). The gradient of a step equals the one-process gradient
 of the same global batch because
 
 - every loss normaliser (token and sequence counts) is summed over processes before the loss is formed, and
@@ -11,7 +12,8 @@ of the same global batch because
 
 Micro-batch counts may differ between processes (the zero-advantage skip, uneven dynamic sampling), so all real
 backward passes run without gradient synchronisation and one zero-loss pass, the same on every process, reduces the
-accumulated gradients (`sync_gradients`).
+accumulated gradients (`sync_gradients`). Under FSDP every backward reduces, so the update pads the processes to
+the same number of passes instead (`PolicyUpdate`).
 """
 
 from __future__ import annotations
@@ -66,15 +68,15 @@ _SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 def _refuse_sharded(kind: str) -> None:
     if kind in _SHARDED:
         raise UserError(
-            f"an accelerate {kind} launch is not supported (sampling needs whole weights; docs/scale-out.md): "
-            "launch with configs/accelerate/ddp.yaml, with lora.enabled=true for models too big for DDP"
+            f"an accelerate {kind} launch is not supported: launch with configs/accelerate/ddp.yaml (no --use_fsdp / "
+            "--use_deepspeed) and set train.sharding=fsdp to shard the model (docs/scale-out.md)"
         )
 
 
 class Processes:
     """Rank, world size and the few collectives the trainer needs; wraps an `accelerate.Accelerator`."""
 
-    def __init__(self, mixed_precision: str = "none", cpu: bool = False) -> None:
+    def __init__(self, mixed_precision: str = "none", cpu: bool = False, sharding: str = "none") -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
@@ -89,7 +91,10 @@ class Processes:
                 _refuse_sharded(kind)
         if cpu and mixed_precision == "fp16":  # accelerate would quietly run it in float32
             raise UserError("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or none")
-        precision = "no" if mixed_precision == "none" else mixed_precision
+        # FSDP computes in the policy's compute dtype itself (`fsdp.shard`): accelerate's autocast stays off (one
+        # process is not sharded and keeps it)
+        sharded = sharding == "fsdp" and world_size_from_env() > 1
+        precision = "no" if mixed_precision == "none" or sharded else mixed_precision
         try:
             self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
         except ValueError as e:  # a precision this machine cannot run (e.g. bf16 on an old GPU)
@@ -99,6 +104,8 @@ class Processes:
         self.world = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
+        # one process has nothing to shard: it trains the whole model as without the option
+        self.sharded = sharded and self.world > 1
 
     # ---- model -----------------------------------------------------------------------------------------------
 
@@ -108,18 +115,36 @@ class Processes:
         accelerate puts autocast into the model's own `forward`; it is taken out again so that mixed precision
         covers the loss passes only (`autocast`), and sampling keeps the weights' dtype (its KV-cached decode
         calls the layers directly, where a half-applied autocast would mix dtypes)."""
+        if self.sharded:  # already sharded (`shard`): FSDP2 modules are their own wrapper
+            return model, optimizer
         wrapped, optimizer = self.accelerator.prepare(model, optimizer)
         if "_original_forward" in vars(model):
             model.forward = model._original_forward
             del model._original_forward
         return wrapped, optimizer
 
+    def shard_model(self, model: Any, compute_dtype: torch.dtype | None) -> Any:
+        """`model` sharded in place under `train.sharding=fsdp` (before its optimiser exists), else as it is."""
+        if not self.sharded:
+            return model
+        from reasonrl.training.fsdp import shard
+
+        return shard(model, compute_dtype)
+
+    def full_weights(self, model: Any) -> Any:
+        """A window with the whole weights on every process (sampling, evaluation); a no-op unless sharded."""
+        if not self.sharded:
+            return nullcontext()
+        from reasonrl.training.fsdp import full_weights
+
+        return full_weights(model)
+
     def autocast(self) -> Any:
         """`train.mixed_precision` for a loss pass (a no-op at "no")."""
         return self.accelerator.autocast()
 
     def no_sync(self, model: Any) -> Any:
-        return self.accelerator.no_sync(model) if self.world > 1 else nullcontext()
+        return self.accelerator.no_sync(model) if self.world > 1 and not self.sharded else nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -127,12 +152,24 @@ class Processes:
     def sync_gradients(self, model: Any, dummy_ids: torch.Tensor) -> None:
         """Average the gradients accumulated under `no_sync` across processes: one zero-loss forward/backward through
         the wrapped model, which every process runs once per optimiser step whatever its own micro-batch count."""
-        if self.world == 1:
+        if self.world == 1 or self.sharded:  # FSDP reduces at every backward
             return
         logits = model(input_ids=dummy_ids).logits
         self.backward(logits.float().sum() * 0.0)
 
+    def dummy_passes(self, model: Any, dummy_ids: torch.Tensor, count: int, grad: bool) -> None:
+        """`count` passes whose loss is zero: a process with fewer micro-batches than the others joins their
+        all-gathers (and, with `grad`, reduce-scatters) under FSDP."""
+        for _ in range(count):
+            with torch.set_grad_enabled(grad):
+                logits = model(input_ids=dummy_ids).logits
+                if grad:
+                    self.backward(logits.float().sum() * 0.0)
+
     def clip_grad_norm(self, parameters: Any, max_norm: float) -> torch.Tensor:
+        if self.sharded:  # sharded gradients: torch's clip reduces the norm over processes
+            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         return self.accelerator.clip_grad_norm_(parameters, max_norm)
 
     # ---- collectives (identity with one process) -----------------------------------------------------------

@@ -70,7 +70,8 @@ class Trainer:
             self.advantage_options = algorithms.advantage_options(a.advantage, a)
         except ValueError as e:
             raise UserError(str(e)) from None
-        self.procs = procs = Processes(mixed_precision(cfg), cpu=runs_on_cpu(cfg.model.device))
+        _check_sharding(cfg)
+        self.procs = procs = Processes(mixed_precision(cfg), cpu=runs_on_cpu(cfg.model.device), sharding=t.sharding)
         if procs.world > 1 and cfg.model.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"model.device={cfg.model.device} names one device; use auto under a multi-process launch")
         with procs.accelerator.main_process_first():  # process 0 builds (and caches) the warm-start, then the others
@@ -96,6 +97,11 @@ class Trainer:
             ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             if t.ref_offload:
                 ref_model.to("cpu")
+        # train.sharding=fsdp: the policy and the reference model sharded alike, before the optimiser exists
+        precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(cfg))
+        procs.shard_model(self.model, precision)
+        if ref_model is not None:
+            procs.shard_model(ref_model, precision)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # the fused kernel (one per parameter instead of a dozen ops) where torch has it: same update to float rounding
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
@@ -110,7 +116,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(t.lr_schedule, warmup, updates))
         self.updater = PolicyUpdate(
             cfg, procs, self.model, train_model, optimizer, scheduler, ref_model, self.device,
-            forward=resolve_forward(t.forward, self.model), pad_id=self.tokenizer.pad_token_id,
+            # the hand-written shared-prefix pass reads the weights directly, which sharded weights are not
+            forward="generic" if procs.sharded else resolve_forward(t.forward, self.model),
+            pad_id=self.tokenizer.pad_token_id,
         )  # fmt: skip
         self.optimizer, self.scheduler = optimizer, scheduler
         self.global_step = 0
@@ -201,17 +209,18 @@ class Trainer:
         start = time.perf_counter()
         batch = Batch(step=self.global_step + 1, group_size=self.cfg.rollout.group_size)
         wanted = self.cfg.rollout.prompts_per_step
-        while batch.kept_groups < wanted:  # DAPO dynamic sampling repeats rounds until the batch is full
-            with timer.stage("prompts"):
-                rnd = self.build_prompts(batch, wanted - batch.kept_groups)
-            with timer.stage("generation"):
-                self.generate(rnd)
-            with timer.stage("reward"):
-                self.score(rnd)
-            self.filter(batch, rnd)
-            a = self.cfg.algorithm
-            if not a.dynamic_sampling or batch.rounds > a.max_resample:
-                break
+        with self.procs.full_weights(self.model):  # sharded: every unit gathered once for the rollout, then resharded
+            while batch.kept_groups < wanted:  # DAPO dynamic sampling repeats rounds until the batch is full
+                with timer.stage("prompts"):
+                    rnd = self.build_prompts(batch, wanted - batch.kept_groups)
+                with timer.stage("generation"):
+                    self.generate(rnd)
+                with timer.stage("reward"):
+                    self.score(rnd)
+                self.filter(batch, rnd)
+                a = self.cfg.algorithm
+                if not a.dynamic_sampling or batch.rounds > a.max_resample:
+                    break
         with timer.stage("sync"):
             self.engine.sleep()  # vLLM on a GPU frees its memory for the update (`rollout.vllm.sleep`)
         if batch.kept_groups:  # dynamic sampling may find no informative group (on any process): nothing to learn
@@ -411,8 +420,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Eval metrics (process 0 evaluates; the others wait and get its numbers)."""
-        if not self.procs.is_main:
-            return self.procs.broadcast({})
+        with self.procs.full_weights(self.model):  # sharded: every process gathers, process 0 evaluates
+            if not self.procs.is_main:
+                return self.procs.broadcast({})
+            res = self._evaluate()
+        return self.procs.broadcast(res)
+
+    def _evaluate(self) -> dict[str, float]:
         e = self.cfg.eval
         res = evaluate(
             self.model,
@@ -429,7 +443,7 @@ class Trainer:
             # an engine with its own weights (vLLM) is reused; the policy's engines get a fresh one at eval's batch size
             engine=self.cfg.rollout.engine if self.engine.shares_policy_weights else self.engine,
         )
-        return self.procs.broadcast({f"eval/{k}": v for k, v in res.items()})
+        return {f"eval/{k}": v for k, v in res.items()}
 
     def train(self, progress: Any = None) -> dict[str, Any]:
         """The whole run: evaluate (unless resuming), step until `train.steps` or a budget (`train.max_seconds` /
@@ -475,9 +489,10 @@ class Trainer:
             after = self.evaluate()
             self.log(self.global_step, after)
             summary["eval_after"] = after
+            weights = self._full_state()  # collective under sharding
             if self.procs.is_main:
                 final = self.run_dir / "model"
-                self.model.save_pretrained(final)
+                self.model.save_pretrained(final, state_dict=weights)
                 self.tokenizer.save_pretrained(final)
             self.checkpoint(finished=True)  # last: a run killed before this resumes from its previous checkpoint
             summary.update(
@@ -505,6 +520,11 @@ class Trainer:
         """`finished` marks the run's final checkpoint: that is what tells a budget-stopped run from a killed one.
         Process 0 writes it, with every process's RNG state; the others wait until it is in place."""
         rng = self.procs.gather([rng_state()])
+        weights, optimizer_state = self._full_state(), None
+        if self.procs.sharded:  # AdamW's shards gathered, keyed by parameter name (any process count resumes it)
+            from reasonrl.training.fsdp import optimizer_state as gather_optimizer_state
+
+            optimizer_state = gather_optimizer_state(self.model, self.optimizer)
         if not self.procs.is_main:
             self.procs.barrier()
             return
@@ -525,10 +545,21 @@ class Trainer:
             state,
             keep=self.cfg.train.keep_checkpoints,
             rng=rng,
+            weights=weights,
+            optimizer_state=optimizer_state,
         )
         if self.pool is not None:  # evictions up to this step can no longer be rolled back: purge them
             self.pool.checkpointed(self.global_step)
         self.procs.barrier()
+
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full weights for saving (on process 0) when sharded, gathered by every process; else None
+        (`save_pretrained` reads the model itself)."""
+        if not self.procs.sharded:
+            return None
+        from reasonrl.training.fsdp import model_state
+
+        return model_state(self.model)
 
     def close(self) -> None:
         self.engine.close()
@@ -542,6 +573,20 @@ class Trainer:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.logger is not None:
             self.logger.log(step, metrics)
+
+
+def _check_sharding(cfg: Config) -> None:
+    """What `train.sharding=fsdp` does not combine with, refused before any model work."""
+    if cfg.train.sharding != "fsdp":
+        return
+    for bad, why in (
+        (cfg.lora.enabled, "lora.enabled=true (LoRA trains few parameters: use DDP)"),
+        (cfg.rollout.engine == "vllm", "rollout.engine=vllm (sampling runs the gathered policy: use fast or hf)"),
+        (cfg.train.ref_offload, "train.ref_offload=true (the reference model is sharded instead)"),
+        (mixed_precision(cfg) == "fp16", "fp16 compute (no loss scaling for sharded gradients: use bfloat16)"),
+    ):
+        if bad:
+            raise UserError(f"train.sharding=fsdp does not combine with {why}")
 
 
 def mixed_precision(cfg: Config) -> str:

@@ -69,19 +69,27 @@ class PolicyUpdate:
         π_ref is the model before RL: a frozen copy (moved to the GPU only for this pass with `train.ref_offload`),
         or under LoRA the policy with its adapters switched off.
         """
-        temp, chunk = self.cfg.rollout.temperature, self.cfg.train.logprob_chunk
-        with self.procs.autocast():
+        temp, chunk, procs = self.cfg.rollout.temperature, self.cfg.train.logprob_chunk, self.procs
+        # sharded: every process runs as many passes as the one with the most micro-batches (dummy ones after its own)
+        pad = int(procs.max(len(mbs))) - len(mbs) if procs.sharded else 0
+        with procs.autocast():
             old = [
                 token_logprobs(self.model, mb, temp, chunk=chunk, forward=self.forward)[0]
                 if self.cfg.algorithm.num_iterations > 1
                 else None
                 for mb in mbs
             ]
+            if self.cfg.algorithm.num_iterations > 1:
+                procs.dummy_passes(self.model, self._dummy_ids(), pad, grad=False)
         ref: list[Tensor | None] = [None] * len(mbs)
-        if self.cfg.algorithm.beta > 0 and mbs:
-            with self._reference_model() as model, self.procs.autocast():
+        if self.cfg.algorithm.beta > 0 and (mbs or procs.sharded):
+            with self._reference_model() as model, procs.autocast():
                 ref = [token_logprobs(model, mb, temp, chunk=chunk, forward=self.forward)[0] for mb in mbs]
+                procs.dummy_passes(model, self._dummy_ids(), pad, grad=False)
         return old, ref
+
+    def _dummy_ids(self) -> Tensor:
+        return torch.full((1, 1), self.pad_id, device=self.device)
 
     @contextmanager
     def _reference_model(self) -> Iterator[Any]:
@@ -115,26 +123,33 @@ class PolicyUpdate:
         # train-inference mismatch |log π_old − log π_behaviour| on the first pass, over sequences that ran forward
         diff_sum, diff_tokens, diff_max, is_weight = 0.0, 0.0, 0.0, 0.0
         self.model.train()
+        # A sequence whose loss is identically zero (advantage 0 and no KL term) adds nothing to the gradient: it
+        # gets a forward pass without autograd, for the metrics only, or none at all when the rollout's record gives
+        # them (one pass over the batch: π_θ = π_old = the behaviour policy, ratio 1, no clip; entropy as the engine
+        # recorded it). Fully masked sequences get none either. Planned first: sharded processes need the count.
+        plans = []
+        for whole, whole_ref in zip(mbs, ref_logp, strict=True):
+            live = whole.mask.sum(-1) > 0
+            learn = live & (whole.advantages != 0) if whole_ref is None else live
+            recorded = ~learn & live & ~whole.guide
+            if not (a.num_iterations == 1 and whole.behaviour_entropy is not None and bool(recorded.any())):
+                recorded = torch.zeros_like(live)
+            passes = [(rows, grad) for rows, grad in ((learn, True), (live & ~learn & ~recorded, False)) if rows.any()]
+            plans.append((recorded, passes))
+        n_passes = sum(len(passes) for _, passes in plans)
+        # sharded: every pass has a backward (a zero one for the metric-only passes), as many as the busiest process's
+        # and at least one (all-zero gradients then, and AdamW steps on them, as DDP's synchronising pass makes it)
+        pad = max(int(procs.max(n_passes)), 1) - n_passes if procs.sharded else 0
         for iteration in range(a.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             backward = False
-            for whole, whole_old, whole_ref in zip(mbs, old_logp, ref_logp, strict=True):
-                # A sequence whose loss is identically zero (advantage 0 and no KL term) adds nothing to the gradient:
-                # it gets a forward pass without autograd, for the metrics only, or none at all when the rollout's
-                # record gives them (one pass over the batch: π_θ = π_old = the behaviour policy, ratio 1, no clip;
-                # entropy as the engine recorded it). Fully masked sequences get none either.
-                live = whole.mask.sum(-1) > 0
-                learn = live & (whole.advantages != 0) if whole_ref is None else live
-                recorded = ~learn & live & ~whole.guide
-                if a.num_iterations == 1 and whole.behaviour_entropy is not None and bool(recorded.any()):
+            for whole, whole_old, whole_ref, (recorded, passes) in zip(mbs, old_logp, ref_logp, plans, strict=True):
+                if recorded.any():
                     m = whole.mask[recorded]
                     sums["entropy"] += float((whole.behaviour_entropy[recorded] * m).sum())
                     sums["ratio"] += float(m.sum())  # loss and clip indicators are zero for these rows
-                else:
-                    recorded = torch.zeros_like(live)
-                for rows, grad in ((learn, True), (live & ~learn & ~recorded, False)):
-                    if not bool(rows.any()):
-                        continue
+                for rows, learns in passes:
+                    grad = learns or procs.sharded
                     mb, old, ref = select_rows(whole, rows, whole_old, whole_ref)
                     with torch.set_grad_enabled(grad), procs.no_sync(self.train_model), procs.autocast():
                         logp, entropy = token_logprobs(
@@ -168,7 +183,8 @@ class PolicyUpdate:
                             per_token, mb.mask, a.loss_agg, num_seqs=num_seqs, num_tokens=num_tokens, max_len=max_len
                         )
                         if grad:  # × processes: the wrapper averages gradients, the loss is a sum over them
-                            procs.backward(loss * procs.world if procs.world > 1 else loss)
+                            scale = (procs.world if procs.world > 1 else 1.0) if learns else 0.0
+                            procs.backward(loss * scale if scale != 1.0 else loss)
                             backward = True
                     # token-weighted sums → exact token means over the whole batch
                     m = mb.mask
@@ -176,8 +192,8 @@ class PolicyUpdate:
                         total = val if val.dim() == 0 else (val * m).sum()
                         sums[key] += float(total)
             if procs.world > 1:
-                pad = torch.full((1, 1), self.pad_id, device=self.device)
-                procs.sync_gradients(self.train_model, pad)
+                procs.dummy_passes(self.train_model, self._dummy_ids(), pad, grad=True)
+                procs.sync_gradients(self.train_model, self._dummy_ids())
             elif not backward:  # all-zero gradient: AdamW still steps (momentum, weight decay) as after a zero backward
                 for p in self.model.parameters():
                     if p.requires_grad:
