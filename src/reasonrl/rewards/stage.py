@@ -254,11 +254,13 @@ class Rewards:
         kwargs: dict[str, Any] = {"prompts": list(prompts), "completions": list(completions), **columns}
         if completion_ids is not None:
             kwargs["completion_ids"] = completion_ids
-        as_messages = {
-            **kwargs,
-            "prompts": [[{"role": "user", "content": p}] for p in prompts],
-            "completions": [[{"role": "assistant", "content": c}] for c in completions],
-        }
+        as_messages = kwargs
+        if self.completion_format == "messages":  # TRL's conversational form, built only when asked for
+            as_messages = {
+                **kwargs,
+                "prompts": [[{"role": "user", "content": p}] for p in prompts],
+                "completions": [[{"role": "assistant", "content": c}] for c in completions],
+            }
         timed_out: list[str] = []
         for name, fn in self.functions.items():
             messages = self.completion_format == "messages" and name not in REWARD_FUNCTIONS
