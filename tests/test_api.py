@@ -121,3 +121,105 @@ def test_extra_dataset_columns_reach_reward_functions(tmp_path):
     steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     means = [r[k] for r in steps for k in r if k.endswith("difficulty_seen/mean")]
     assert means and all(0 <= m <= 0.5 for m in means)
+
+
+# ---- TRL's reward functions on conversational data (issue: the surface a TRL user meets) ------------------------
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the character tokenizer's alphabet only
+
+
+def _chat_rows(n: int) -> list[dict]:
+    """TRL's conversational form: an earlier exchange, then the question; a `solution` column as TRL's accuracy
+    reward wants it."""
+    return [
+        {"id": f"q{a}", "prompt": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"},
+                                   {"role": "user", "content": f"{a}+{a + 1}="}],
+         "answer": str(2 * a + 1), "solution": f"${2 * a + 1}$"}
+        for a in range(n)
+    ]  # fmt: skip
+
+
+def test_trl_reward_functions_train_on_conversational_data(tmp_path):
+    """A TRL-style `f(completions, solution, **kwargs)`, trl.rewards.think_format_reward, trl.rewards.accuracy_reward
+    and an async function each train 2 steps on conversational prompts; each asserts what it receives: the dataset's
+    conversation as `prompts`, assistant messages as `completions`, the `solution` column of the same problem."""
+    import asyncio
+
+    import pytest
+
+    trl_rewards = pytest.importorskip("trl.rewards")
+    import reasonrl
+    from reasonrl.demo import arithmetic
+    from reasonrl.demo.tiny_model import build_tiny_model
+
+    rows = _chat_rows(12)
+    by_id = {r["id"]: r for r in rows}
+    calls: dict[str, int] = {}
+
+    def check(name, prompts, completions, problem_id, solution):
+        calls[name] = calls.get(name, 0) + 1
+        assert len(prompts) == len(completions) == len(solution) == len(problem_id) > 0
+        for p, c, pid, s in zip(prompts, completions, problem_id, solution, strict=True):
+            assert p == by_id[pid]["prompt"] and s == by_id[pid]["solution"]
+            assert isinstance(c, list) and len(c) == 1 and c[0]["role"] == "assistant"
+            assert isinstance(c[0]["content"], str)
+
+    def trl_style(completions, solution, **kwargs):
+        check("trl_style", kwargs["prompts"], completions, kwargs["problem_id"], solution)
+        pairs = zip(completions, solution, strict=True)
+        return [1.0 if c[0]["content"].strip().startswith(s.strip("$")) else 0.0 for c, s in pairs]
+
+    def think(completions, **kwargs):
+        check("think", kwargs["prompts"], completions, kwargs["problem_id"], kwargs["solution"])
+        out = trl_rewards.think_format_reward(completions, **kwargs)
+        assert out == [0.0] * len(completions)  # the tiny model never writes <think>…</think>
+        return out
+
+    def accuracy(completions, solution, **kwargs):
+        check("accuracy", kwargs["prompts"], completions, kwargs["problem_id"], solution)
+        out = trl_rewards.accuracy_reward(completions, solution, **kwargs)
+        assert all(v in (0.0, 1.0) for v in out) and len(out) == len(completions)
+        return out
+
+    async def later(prompts, completions, **kwargs):
+        check("later", prompts, completions, kwargs["problem_id"], kwargs["solution"])
+        await asyncio.sleep(0)
+        return [0.0] * len(completions)
+
+    tok = arithmetic.build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    cfg = reasonrl.load_config(None, [f"{k}={v}" for k, v in API_CONFIG.items()])
+    model = build_tiny_model(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id)
+    result = reasonrl.train(
+        model=model, tokenizer=tok, train_dataset=rows, eval_dataset=_chat_rows(4),
+        reward_funcs=["math_answer", trl_style, think, accuracy, later], config=cfg, run_dir=tmp_path / "run",
+    )  # fmt: skip
+    assert result.metrics["step"] == 2 and 0 <= result.metrics["eval/accuracy"] <= 1
+    assert all(calls.get(n, 0) >= 2 for n in ("trl_style", "think", "accuracy", "later")), calls  # 2 steps + eval
+    logged = json.loads((result.run_dir / "completions.jsonl").read_text().splitlines()[0])
+    # the model saw the whole conversation through the chat template; the log has both forms
+    assert logged["templated_prompt"].startswith("1+1=2") and logged["prompt"] == logged["templated_prompt"][5:]
+
+
+def test_without_a_judging_reward_eval_reports_the_reward_only(tmp_path):
+    """No math_answer (nor reasoning_gym) among the reward functions: evaluation has no notion of correct, so it
+    reports the greedy completions' mean reward, which the summary prints before → after; no error, no accuracy."""
+    import reasonrl
+    from reasonrl.cli import _print_eval_change
+
+    result = reasonrl.train(train_dataset=_rows(12), eval_dataset=_rows(4, offset=50), reward_funcs=[brevity],
+                            config=API_CONFIG, run_dir=tmp_path / "run")  # fmt: skip
+    after = {k: v for k, v in result.metrics.items() if k.startswith("eval/")}
+    assert "eval/accuracy" not in after and after["eval/reward"] <= 0  # brevity is -len/50
+    before = result.summary["eval_before"]
+    assert "eval/accuracy" not in before and before["eval/reward"] <= 0
+
+    class Console:
+        def print(self, text):
+            self.text = text
+
+    console = Console()
+    _print_eval_change(console, before, result.summary["eval_after"])
+    assert console.text.startswith("eval mean reward: ") and "before RL" in console.text
+    _print_eval_change(console, {"eval/accuracy": 0.25, "eval/reward": 0.1}, {"eval/accuracy": 0.5, "eval/reward": 1})
+    assert "25.0% before RL" in console.text and "+25.0 points" in console.text

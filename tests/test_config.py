@@ -108,3 +108,12 @@ def test_configuration_doc_has_the_trl_table():
 
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     assert trl_markdown() in doc, "regenerate the 'Coming from TRL' table in docs/configuration.md"
+
+
+def test_scale_rewards_takes_trls_boolean_spelling():
+    """TRL's `scale_rewards: true/false` means group / none; only booleans alias (1 is not true here)."""
+    assert load_config(None, ["algorithm.scale_rewards=true"]).algorithm.scale_rewards == "group"
+    assert load_config(None, ["algorithm.scale_rewards=false"]).algorithm.scale_rewards == "none"
+    assert load_config(None, ["algorithm.scale_rewards=batch"]).algorithm.scale_rewards == "batch"
+    with pytest.raises(UserError, match="must be one of group, batch, none"):
+        load_config(None, ["algorithm.scale_rewards=1"])

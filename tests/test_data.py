@@ -373,3 +373,75 @@ def test_eval_on_the_training_file_is_said_out_loud(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         _, test = load_training_data(load_config(None, [f"data.source={train}", f"data.eval_source={held_out}"]))
     assert [p.id for p in test] == ["c"]
+
+
+CHAT = [
+    {"role": "system", "content": "Answer with a number."},
+    {"role": "user", "content": "What is 1+1?"},
+    {"role": "assistant", "content": "2"},
+    {"role": "user", "content": "And 2+3?"},
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_conversational_prompts_load_and_round_trip(tmp_path: Path, suffix: str) -> None:
+    """TRL's conversational form: the prompt column holds messages; the problem keeps them, its prompt is the last
+    user turn (what LANPO's feedback wraps) and its history the turns before; write_jsonl writes them back."""
+    rows = [{"id": "a", "prompt": CHAT, "answer": "5"}, {"id": "b", "prompt": "What is 2*3?", "answer": "6"}]
+    if suffix == ".jsonl":
+        path = write_rows(tmp_path / "chat.jsonl", rows)
+    else:
+        pd = pytest.importorskip("pandas")
+        path = tmp_path / "chat.parquet"
+        pd.DataFrame(rows[:1]).to_parquet(path)
+        rows = rows[:1]
+    problems = load_problems(str(path))
+    chat = problems[0]
+    assert chat.messages == tuple(CHAT) and chat.prompt == "And 2+3?" and chat.history == tuple(CHAT[:3])
+    assert chat.conversation("wrapped") == [*CHAT[:3], {"role": "user", "content": "wrapped"}]
+    if len(problems) > 1:
+        assert problems[1].messages is None and problems[1].history == ()
+    write_jsonl(tmp_path / "out.jsonl", problems)
+    assert load_problems(str(tmp_path / "out.jsonl")) == problems
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ([], "empty list of messages"),
+        ([{"role": "user"}], r"message 1 must be \{\"role\""),
+        ([{"role": "usr", "content": "x"}], "role 'usr'.*did you mean 'user'"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "must end with a non-empty user"),
+        (["plain string in a list"], "message 1 must be"),
+    ],
+)
+def test_bad_conversational_prompts_are_one_line_errors(tmp_path: Path, prompt: Any, message: str) -> None:
+    path = write_rows(tmp_path / "bad.jsonl", [{"prompt": "ok", "answer": "1"}, {"prompt": prompt, "answer": "1"}])
+    with pytest.raises(UserError, match=rf"bad\.jsonl line 2: column 'prompt' .*{message}") as info:
+        load_problems(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_conversational_prompts_through_a_chat_template() -> None:
+    """The history precedes the (possibly wrapped) user turn; data.system_prompt opens a conversation without its
+    own system message only; a tokenizer without a chat template refuses messages in one line."""
+    from reasonrl.data.prompts import PromptFormat, prompt_ids
+
+    class Tok:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, **kw):
+            self.seen = messages
+            return [len(m["content"]) for m in messages]
+
+    tok, fmt = Tok(), PromptFormat(system_prompt="Be brief.")
+    prompt_ids(tok, "And 2+3?", fmt, tuple(CHAT[:3]))
+    assert tok.seen == CHAT  # its own system message, so no second one
+    prompt_ids(tok, "Q", fmt, ({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}))
+    assert [m["role"] for m in tok.seen] == ["system", "user", "assistant", "user"]
+    assert tok.seen[0]["content"] == "Be brief."
+
+    class Plain:
+        chat_template = None
+
+    expect_user_error(["need a tokenizer with a chat template"], prompt_ids, Plain(), "Q", None, tuple(CHAT[:3]))

@@ -361,8 +361,8 @@ def test_reward_function_timeout_is_an_option_that_changes_the_cutoff() -> None:
 
 def test_trl_reward_functions_work_unchanged_with_messages() -> None:
     """rewards.completion_format=messages hands user functions TRL's conversational form, so trl.rewards functions
-    run as they are (with a `solution` dataset column); built-in functions still get text; `text` (the default)
-    gives strings, on which TRL's functions fail."""
+    run as they are (with a `solution` dataset column); built-in functions still get text; `auto` (the default) gives
+    strings for text prompts, on which TRL's functions fail, and messages for conversational ones; `text` never."""
     trl_rewards = pytest.importorskip("trl.rewards")
     completions = ["<think>\n2 and 2\n</think>\nThe answer is $4$.", "no thinking, $5$"]
     columns = {"answer": ["4", "4"], "solution": ["$4$", "$4$"]}
@@ -374,3 +374,15 @@ def test_trl_reward_functions_work_unchanged_with_messages() -> None:
     assert out.per_function["math_answer"] == [0.0, 0.0]  # text as always: neither completion boxes an answer
     with Rewards(["think"], callables=funcs) as rewards, pytest.raises(UserError, match="reward function 'think'"):
         rewards(["2+2?", "2+2?"], completions, columns)
+    chats = [[{"role": "system", "content": "Think."}, {"role": "user", "content": "2+2?"}]] * 2
+    seen = []
+
+    def spy(prompts, completions, **kwargs):
+        seen.append(prompts)
+        return trl_rewards.think_format_reward(completions, **kwargs)
+
+    with Rewards(["spy"], callables={"spy": spy}) as rewards:
+        assert rewards(["2+2?", "2+2?"], completions, columns, conversations=chats).per_function["spy"] == [1.0, 0.0]
+    assert seen == [chats]  # the dataset's conversation, system turn included
+    with Rewards(["spy"], callables={"spy": spy}, completion_format="text") as rewards, pytest.raises(UserError):
+        rewards(["2+2?", "2+2?"], completions, columns, conversations=chats)

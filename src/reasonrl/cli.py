@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,13 +153,22 @@ COMPARE_EXAMPLES = """examples:
 """
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     common: list[str] = []
     if argv[:1] == ["compare"] and "--" in argv:  # `reasonrl compare ... -- KEY=VALUE ...`: overrides for every run
         argv, common = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may sit between options (`train a.b=1 --config X c.d=2`), which argparse splits off; take them back
+    stray = [a for a in extra if not (hasattr(args, "overrides") and OVERRIDE.match(a))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     args.common, args.argv = common, argv
     if args.command is None:
         parser.print_help()
@@ -276,15 +286,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ]
     with Progress(*columns, console=console, transient=False, disable=console.quiet) as progress:
         summary = run_training(cfg, run_dir, resume=bool(args.resume), console=console, progress=progress)
-    before = summary.get("eval_before", {}).get("eval/accuracy")
-    after = summary["eval_after"]["eval/accuracy"]
-    if before is not None:
-        console.print(
-            f"eval accuracy: {before:.1%} before RL → [bold]{after:.1%}[/bold] after "
-            f"({(after - before) * 100:+.1f} points)"
-        )
-    else:
-        console.print(f"eval accuracy after RL: [bold]{after:.1%}[/bold]")
+    _print_eval_change(console, summary.get("eval_before", {}), summary["eval_after"])
     if summary.get("stopped_by") not in (None, "steps"):
         limit = summary["stopped_by"]
         console.print(
@@ -362,6 +364,18 @@ def _print_feedback_summary(console: Any, run_dir: Path, eval_after: dict[str, f
             f"eval accuracy with a reward-agnostic second attempt: {eval_after['eval/feedback_accuracy']:.1%} "
             f"(zero-shot {eval_after['eval/accuracy']:.1%})"
         )
+
+
+def _print_eval_change(console: Any, before: dict[str, float], after: dict[str, float]) -> None:
+    """Eval accuracy before → after RL; the mean reward where no reward function judges correctness."""
+    key, what = ("eval/accuracy", "accuracy") if "eval/accuracy" in after else ("eval/reward", "mean reward")
+    fmt = "{:.1%}" if key == "eval/accuracy" else "{:.3f}"
+    a, b = after[key], before.get(key)
+    if b is None:
+        console.print(f"eval {what} after RL: [bold]{fmt.format(a)}[/bold]")
+        return
+    change = f"{(a - b) * 100:+.1f} points" if key == "eval/accuracy" else f"{a - b:+.3f}"
+    console.print(f"eval {what}: {fmt.format(b)} before RL → [bold]{fmt.format(a)}[/bold] after ({change})")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -21,11 +21,13 @@ import yaml
 from reasonrl.errors import UserError, did_you_mean
 
 
-def _opt(default: Any, help: str, **bounds: float) -> Any:
-    """A field with a help string and optional numeric bounds (ge, gt, le) checked by `validate`."""
+def _opt(default: Any, help: str, aliases: dict[Any, Any] | None = None, **bounds: float) -> Any:
+    """A field with a help string and optional numeric bounds (ge, gt, le) checked by `validate`; `aliases` maps
+    other spellings of a value to it (TRL's `scale_rewards: true` is `group`)."""
+    meta = {"help": help, **bounds, **({"aliases": aliases} if aliases else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **bounds})
-    return field(default=default, metadata={"help": help, **bounds})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -194,10 +196,11 @@ class RewardConfig:
     weights: list[float] | None = _opt([1.0, 0.1], "one weight per function (default all 1.0)")
     timeout_s: float = _opt(5.0, "wall-clock limit per verified item; a timeout scores 0", gt=0)
     num_workers: int = _opt(2, "verifier worker processes", ge=1)
-    completion_format: Literal["text", "messages"] = _opt(
-        "text",
+    completion_format: Literal["auto", "text", "messages"] = _opt(
+        "auto",
         "how your reward functions get prompts and completions: text (strings) | messages (TRL's conversational "
-        "form, lists of {role, content}, which trl.rewards functions expect); built-in functions always get text",
+        "form, lists of {role, content}, which trl.rewards functions expect) | auto (TRL's rule: messages when the "
+        "dataset's prompts are conversational, else text); built-in functions always get text",
     )
     function_timeout_s: float = _opt(
         60.0,
@@ -269,7 +272,11 @@ class LanpoConfig:
 @dataclass
 class AlgorithmConfig:
     advantage: str = _opt("grpo", "advantage estimator from the registry: grpo | rloo | lampo")
-    scale_rewards: Literal["group", "batch", "none"] = _opt("group", "GRPO std scaling; none = Dr.GRPO")
+    scale_rewards: Literal["group", "batch", "none"] = _opt(
+        "group",
+        "GRPO std scaling; none = Dr.GRPO (true / false, TRL's older spelling, mean group / none)",
+        aliases={True: "group", False: "none"},
+    )
     adv_eps: float = _opt(1e-4, "added to the std in GRPO scaling", ge=0)
     eps_low: float = _opt(0.2, "lower clip range", ge=0)
     eps_high: float = _opt(0.2, "upper clip range (DAPO clip-higher: e.g. 0.28)", ge=0)
@@ -316,7 +323,9 @@ class TrainConfig:
     tensorboard: bool = _opt(True, "also log to TensorBoard")
     report_to: list[str] = _opt([], "external trackers, each also gets every record: wandb, mlflow, trackio")
     log_completions: bool = _opt(
-        True, "write every sampled completion, its context mode and prompt to completions.jsonl"
+        True,
+        "write every sampled completion, its context mode and prompt (as given, and as the model saw it through the "
+        "chat template: templated_prompt) to completions.jsonl",
     )
     # GPU path (docs/scale-out.md); the defaults are exact float32 on the CPU.
     master_weights: Literal["fp32", "model"] = _opt(
@@ -554,6 +563,9 @@ def build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[key] = build(hint, value if value is not None else {}, f"{full}.")
         else:
+            aliases = names[key].metadata.get("aliases", {})
+            if isinstance(value, bool) and value in aliases:  # bools only: 1 == True must not alias
+                value = aliases[value]
             kwargs[key] = _coerce(value, hint, full)
             _check_bounds(kwargs[key], names[key].metadata, full)
     return cls(**kwargs)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from reasonrl.data.problems import Problem, reward_columns
+from reasonrl.data.problems import Problem, conversations, reward_columns
 from reasonrl.data.prompts import PromptFormat, prompt_ids
 from reasonrl.data.reasoning_gym import COLUMN as RG_COLUMN
 from reasonrl.errors import UserError
@@ -177,7 +177,9 @@ def evaluate(
       (:func:`majority_vote`: samples without a final answer do not vote, answers the math verifier finds
       equivalent vote together, ties go to the earliest-sampled answer; no answer at all counts as wrong).
 
-    `verifier` must contain the `math_answer` function; its `correct` flags decide accuracy. The second prompt is
+    Every result has ``reward`` (the greedy completions' mean total reward), ``truncated`` and ``completion_len``.
+    Accuracy and the rest need a judging function in `verifier` (`math_answer`, or `reasoning_gym`), whose `correct`
+    flags decide it; without one, the result is the reward alone. The second prompt is
     the template filled with the problem and the first attempt's text only: its score never reaches the model.
     `engine` is the rollout engine: a name (`rollout.engine`: a fresh engine on `model` with `batch_size`), or an
     engine object that holds its own weights (vLLM), which is used as it is rather than started a second time.
@@ -213,28 +215,30 @@ def _evaluate(
             "evaluation would judge answers with the reasoning_gym reward alone, which scores only reasoning-gym "
             "problems; add math_answer to rewards.functions (weight 0 keeps it out of the training reward)"
         )
-    prompts = [prompt_ids(tokenizer, p.prompt, prompt_format) for p in problems]
-    columns = reward_columns(problems)
+    prompts = [prompt_ids(tokenizer, p.prompt, prompt_format, p.history) for p in problems]
+    columns, chats = reward_columns(problems), conversations(problems)
     greedy = sampler.generate(prompts, 1, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-    out = verifier([p.prompt for p in problems], [c.text for c in greedy], columns, [c.token_ids for c in greedy])
-    if out.correct is None:
-        raise UserError(
-            "evaluation scores accuracy with the math_answer (or reasoning_gym) reward function, which "
-            "rewards.functions does not list; add it (weight 0 keeps it out of the training reward: rewards.weights)"
-        )
+    out = verifier(
+        [p.prompt for p in problems], [c.text for c in greedy], columns, [c.token_ids for c in greedy], chats
+    )
     metrics = {
-        "accuracy": sum(out.correct) / len(problems),
+        "reward": sum(out.total) / len(problems),
         "truncated": sum(c.truncated for c in greedy) / len(problems),
         "completion_len": sum(len(c.token_ids) for c in greedy) / len(problems),
     }
+    if out.correct is None:  # no reward function judges correctness (math_answer, reasoning_gym): reward only
+        return metrics
+    metrics["accuracy"] = sum(out.correct) / len(problems)
     if reflect_template is not None:
         texts = [reflect_prompt(p.prompt, c.text, reflect_template) for p, c in zip(problems, greedy, strict=True)]
         second = sampler.generate(
-            [prompt_ids(tokenizer, t, prompt_format) for t in texts],
+            [prompt_ids(tokenizer, t, prompt_format, p.history) for t, p in zip(texts, problems, strict=True)],
             1,
             SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
         )
-        res = verifier([p.prompt for p in problems], [c.text for c in second], columns, [c.token_ids for c in second])
+        res = verifier(
+            [p.prompt for p in problems], [c.text for c in second], columns, [c.token_ids for c in second], chats
+        )
         metrics["feedback_accuracy"] = sum(res.correct) / len(problems)
         # what the second attempt changed: wrong answers it fixed, right ones it broke (shares of all problems)
         metrics["feedback_fixed"] = sum(b and not a for a, b in zip(out.correct, res.correct, strict=True)) / len(
@@ -252,6 +256,7 @@ def _evaluate(
             [c.text for c in sampled],
             rep,
             [c.token_ids for c in sampled],
+            conversations(problems, n),
         )
         flags = res.correct
         correct = [sum(flags[i * n : (i + 1) * n]) for i in range(len(problems))]

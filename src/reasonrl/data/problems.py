@@ -28,7 +28,9 @@ __all__ = [
     "Problem",
     "RowLayout",
     "cell_id",
+    "cell_messages",
     "cell_text",
+    "conversations",
     "load_problems",
     "write_jsonl",
 ]
@@ -51,10 +53,22 @@ class Problem:
     # similar problems by and shows in trajectories; None when the prompt is the statement itself. Derived from the
     # prompt's source, so not compared (a file written from these problems holds the prompt only)
     question: str | None = field(default=None, compare=False)
+    # a conversational prompt (TRL's form: a list of {role, content} ending with the user's turn), kept whole;
+    # `prompt` is then the last user turn, which LANPO's feedback wraps, and `messages[:-1]` the turns before it
+    messages: tuple[dict[str, str], ...] | None = field(default=None, hash=False, compare=True)
 
     @property
     def statement(self) -> str:
         return self.prompt if self.question is None else self.question
+
+    @property
+    def history(self) -> tuple[dict[str, str], ...]:
+        """The conversation before the last user turn (empty for a text prompt)."""
+        return self.messages[:-1] if self.messages else ()
+
+    def conversation(self, text: str | None = None) -> list[dict[str, str]]:
+        """The prompt as messages: the history, then `text` (default: the prompt) as the user's turn."""
+        return [*self.history, {"role": "user", "content": self.prompt if text is None else text}]
 
 
 DEFAULT_COLUMNS: dict[str, str] = {
@@ -118,7 +132,12 @@ class ColumnLayout(RowLayout):
 
     def make(self, row: dict[str, Any], where: str, default_id: str) -> Problem:
         mapping = self.mapping
-        prompt = cell_text(row[mapping["prompt"]], where, mapping["prompt"])
+        messages = None
+        if isinstance(row[mapping["prompt"]], (list, tuple)):
+            messages = cell_messages(row[mapping["prompt"]], where, mapping["prompt"])
+            prompt = messages[-1]["content"]
+        else:
+            prompt = cell_text(row[mapping["prompt"]], where, mapping["prompt"])
         answer = cell_text(row[mapping["answer"]], where, mapping["answer"])
         reference = row.get(mapping["reference"])
         if reference is not None:
@@ -126,7 +145,7 @@ class ColumnLayout(RowLayout):
         pid = cell_id(row[mapping["id"]], where, mapping["id"]) if mapping["id"] in row else default_id
         used = {mapping[f] for f in DEFAULT_COLUMNS}
         metadata = {k: v for k, v in row.items() if k not in used}
-        return Problem(id=pid, prompt=prompt, answer=answer, reference=reference, metadata=metadata)
+        return Problem(id=pid, prompt=prompt, answer=answer, reference=reference, metadata=metadata, messages=messages)
 
     def describe(self) -> str:
         return f"'{self.mapping['prompt']}' and '{self.mapping['answer']}'"
@@ -213,6 +232,14 @@ def reward_columns(problems: list[Problem], repeat: int = 1) -> dict[str, list]:
         for k in extra:
             cols[k] += [p.metadata.get(k)] * repeat
     return cols
+
+
+def conversations(problems: list[Problem], repeat: int = 1) -> list[list[dict[str, str]]] | None:
+    """The prompts as messages, one per completion (each problem `repeat` times), when any problem's prompt is
+    conversational (a text prompt becomes one user turn); None when all are text."""
+    if not any(p.messages for p in problems):
+        return None
+    return [p.conversation() for p in problems for _ in range(repeat)]
 
 
 def problems_from_rows(
@@ -489,6 +516,35 @@ def cell_text(value: Any, where: str, column: str, *, allow_empty: bool = False)
     )
 
 
+_ROLES = ("system", "user", "assistant")
+
+
+def cell_messages(value: Any, where: str, column: str) -> tuple[dict[str, str], ...]:
+    """A conversational prompt cell (TRL's form): a non-empty list of {role, content} with roles system, user or
+    assistant, ending with the user's turn (the one the model answers); anything else is a one-line UserError."""
+    if not value:
+        raise UserError(f"{where}: column '{column}' is an empty list of messages; fill it in or remove the row")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(
+                f'{where}: column \'{column}\' message {i + 1} must be {{"role": ..., "content": "text"}}, '
+                f"got {_describe(m)}; fix or remove the row"
+            )
+        if m["role"] not in _ROLES:
+            raise UserError(
+                f"{where}: column '{column}' message {i + 1} has role '{m['role']}'{did_you_mean(m['role'], _ROLES)}; "
+                f"roles are {', '.join(_ROLES)}"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user" or not out[-1]["content"].strip():
+        raise UserError(
+            f"{where}: column '{column}' must end with a non-empty user message (the turn the model answers); "
+            "fix or remove the row"
+        )
+    return tuple(out)
+
+
 def cell_id(value: Any, where: str, column: str) -> str:
     """An id cell as text: a non-empty string or an integer; anything else is a one-line UserError."""
     if isinstance(value, str) and value.strip():
@@ -511,7 +567,7 @@ def _problem_line(problem: Problem, target: Path) -> str:
         )
     record: dict[str, Any] = {
         "id": problem.id,
-        "prompt": problem.prompt,
+        "prompt": list(problem.messages) if problem.messages else problem.prompt,
         "answer": problem.answer,
         "reference": problem.reference,
         **problem.metadata,

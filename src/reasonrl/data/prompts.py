@@ -7,9 +7,11 @@ Applies the tokenizer's chat template when it has one (instruct models); otherwi
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from reasonrl.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,23 @@ class PromptFormat:
         return cls(data.system_prompt, dict(data.chat_template_kwargs), data.max_prompt_length)
 
 
-def prompt_ids(tokenizer: Any, text: str, fmt: PromptFormat | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer: Any, text: str, fmt: PromptFormat | None = None, history: Sequence[Mapping[str, str]] = ()
+) -> list[int]:
+    """`text` as the user's turn after `history` (a conversational prompt's earlier turns), through the chat
+    template; `data.system_prompt` opens the conversation unless the history has its own system message."""
     fmt = fmt or PromptFormat()
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
-        messages.append({"role": "user", "content": text})
+        own_system = any(m["role"] == "system" for m in history)
+        messages = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt and not own_system else []
+        messages += [*history, {"role": "user", "content": text}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **fmt.template_kwargs)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    elif history:
+        raise UserError(
+            "conversational prompts (lists of messages) need a tokenizer with a chat template; give the data as text "
+            "prompts or use an instruct model"
+        )
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if fmt.max_length is not None and len(ids) > fmt.max_length:

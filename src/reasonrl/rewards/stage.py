@@ -201,12 +201,13 @@ class Rewards:
         settings: dict[str, dict[str, Any]] | None = None,
         callables: dict[str, RewardFunc] | None = None,
         function_timeout_s: float = 60.0,
-        completion_format: str = "text",
+        completion_format: str = "auto",
     ) -> None:
         """``settings``: extra keyword arguments for built-in factories by name (e.g. ``rouge_l``'s ``tokenize``);
         ``callables``: functions given as objects (the Python API), used for their names instead of loading them;
         ``function_timeout_s``: the limit of one call of a function on a batch (`rewards.function_timeout_s`);
-        ``completion_format``: `messages` gives functions that are not built in TRL's conversational form."""
+        ``completion_format``: `messages` gives functions that are not built in TRL's conversational form, `auto`
+        does so when the call has conversational prompts, `text` never."""
         self.function_timeout_s = function_timeout_s
         self.completion_format = completion_format
         names = list(names)
@@ -241,9 +242,11 @@ class Rewards:
         completions: list[str],
         columns: dict[str, list],
         completion_ids: list[list[int]] | None = None,
+        conversations: list[list[dict[str, str]]] | None = None,
     ) -> RewardOutput:
         """Every function called with keyword arguments, in TRL's convention: ``prompts``, ``completions``,
-        ``completion_ids`` (when known) and every column by name. An ``async def`` function is awaited."""
+        ``completion_ids`` (when known) and every column by name. An ``async def`` function is awaited.
+        ``conversations``: the prompts as messages, when the dataset's prompts are conversational."""
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"rewards: {len(prompts)} prompts but {n} completions")
@@ -255,15 +258,16 @@ class Rewards:
         if completion_ids is not None:
             kwargs["completion_ids"] = completion_ids
         as_messages = kwargs
-        if self.completion_format == "messages":  # TRL's conversational form, built only when asked for
+        chat = self.completion_format == "messages" or (self.completion_format == "auto" and conversations is not None)
+        if chat:  # TRL's conversational form, built only when used
             as_messages = {
                 **kwargs,
-                "prompts": [[{"role": "user", "content": p}] for p in prompts],
+                "prompts": conversations or [[{"role": "user", "content": p}] for p in prompts],
                 "completions": [[{"role": "assistant", "content": c}] for c in completions],
             }
         timed_out: list[str] = []
         for name, fn in self.functions.items():
-            messages = self.completion_format == "messages" and name not in REWARD_FUNCTIONS
+            messages = chat and name not in REWARD_FUNCTIONS
             out = _call(name, fn, as_messages if messages else kwargs, self.function_timeout_s)
             if out is _TIMED_OUT:
                 warnings.warn(

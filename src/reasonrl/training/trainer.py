@@ -23,7 +23,7 @@ import torch
 
 from reasonrl import algorithms
 from reasonrl.config import Config
-from reasonrl.data.problems import Problem, reward_columns
+from reasonrl.data.problems import Problem, conversations, reward_columns
 from reasonrl.data.prompts import PromptFormat, prompt_ids
 from reasonrl.data.sources import load_training_data
 from reasonrl.data.stream import ProblemStream
@@ -255,7 +255,7 @@ class Trainer:
             plans, stats = self.feedback.build(problems, batch.group_size, batch.step)
             batch.feedback_stats.append(stats)
         rnd = Round(problems, plans)
-        rnd.prompt_ids = self._prompt_ids([p.text for p in plans])
+        rnd.prompt_ids = self._prompt_ids([p.text for p in plans], [p.problem.history for p in plans])
         return rnd
 
     def generate(self, rnd: Round) -> None:
@@ -279,6 +279,7 @@ class Trainer:
             [c.text for c in rnd.completions],
             reward_columns(rnd.problems, G),
             completion_ids=[c.token_ids for c in rnd.completions],
+            conversations=conversations(rnd.problems, G),
         )
         rnd.rewards, rnd.reward_metrics = out.total, out.metrics
         rnd.correct = out.correct or [False] * len(rnd.completions)
@@ -323,7 +324,7 @@ class Trainer:
         a = self.cfg.algorithm
         completions, batch.guide = batch.completions, [False] * len(batch.completions)
         if self.feedback is not None and a.lanpo.context_in_loss == "strip":
-            plain = self._prompt_ids([p.problem.prompt for p in batch.plans])
+            plain = self._prompt_ids([p.problem.prompt for p in batch.plans], [p.problem.history for p in batch.plans])
             completions, batch.guide = strip_contexts(completions, [p.mode for p in batch.plans], plain)
         batch.loss_mask = algorithms.truncation_mask([c.truncated for c in completions], a.mask_truncated)
         batch.micro_batches = make_micro_batches(
@@ -370,6 +371,8 @@ class Trainer:
                             "problem_id": p.problem.id,
                             "mode": p.mode,
                             "prompt": p.text,
+                            # what the model saw: the chat template, a conversation's earlier turns, specials
+                            "templated_prompt": self.tokenizer.decode(c.prompt_ids),
                             "completion": c.text,
                             "reward": w,
                         }
@@ -408,13 +411,17 @@ class Trainer:
             lr=self.scheduler.get_last_lr()[0],
         )
 
-    def _prompt_ids(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each prompt text (chat template applied); repeated texts are tokenised once."""
-        cache: dict[str, list[int]] = {}
-        for t in texts:
-            if t not in cache:
-                cache[t] = prompt_ids(self.tokenizer, t, self.prompt_format)
-        return [cache[t] for t in texts]
+    def _prompt_ids(self, texts: list[str], histories: list[tuple[dict[str, str], ...]]) -> list[list[int]]:
+        """Token ids of each prompt text after its conversation's earlier turns (chat template applied); repeated
+        prompts are tokenised once."""
+        cache: dict[tuple[str, str], list[int]] = {}
+        out = []
+        for t, h in zip(texts, histories, strict=True):
+            key = (t, repr(h))
+            if key not in cache:
+                cache[key] = prompt_ids(self.tokenizer, t, self.prompt_format, h)
+            out.append(cache[key])
+        return out
 
     # ---- around the steps -------------------------------------------------------------------------------------
 
@@ -457,7 +464,7 @@ class Trainer:
                 self.log(0, before)
                 summary["eval_before"] = before
             elif self.procs.is_main:
-                summary["eval_before"] = next((m for m in read_metrics(self.run_dir) if "eval/accuracy" in m), {})
+                summary["eval_before"] = next((m for m in read_metrics(self.run_dir) if "eval/reward" in m), {})
             task = progress.add_task("RL", total=t.steps, completed=self.global_step, status="") if progress else None
             while self.stop_reason() is None:
                 metrics = self.step()
