@@ -54,6 +54,7 @@ API_CONFIG = {
 def test_train_from_a_list_of_dicts_with_a_callable_reward(tmp_path):
     import reasonrl
 
+    seen: list[tuple[int, dict]] = []
     result = reasonrl.train(
         model="tiny",
         train_dataset=_rows(12),
@@ -61,7 +62,10 @@ def test_train_from_a_list_of_dicts_with_a_callable_reward(tmp_path):
         config=API_CONFIG,
         eval_dataset=_rows(4, offset=50),
         run_dir=tmp_path / "run",
+        callbacks=[lambda step, metrics: seen.append((step, metrics))],
     )
+    # the callback saw every logged record: eval before (step 0), two steps, eval after
+    assert [s for s, _ in seen] == [0, 1, 2, 2] and "eval/accuracy" in seen[0][1] and "loss" in seen[1][1]
     assert result.run_dir == tmp_path / "run" and (result.run_dir / "model").is_dir()
     assert result.metrics["step"] == 2 and 0 <= result.metrics["eval/accuracy"] <= 1
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -19,6 +19,7 @@ It builds the same `Config` and `Trainer` the CLI does and runs `Trainer.train()
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ def train(
     *,
     tokenizer: Any = None,
     run_dir: str | Path | None = None,
+    callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
 ) -> Result:
     """Train a policy and return where the run went and its final metrics.
 
@@ -60,6 +62,7 @@ def train(
       each is called with keyword arguments as TRL calls reward functions. Default: `rewards.functions`.
     - `config`: a `Config`, or a dict of overrides, dotted (`{"train.steps": 50}`) or nested (`{"train": {...}}`).
     - `run_dir`: where the run goes (default: `train.output_dir` / `train.run_name` or a timestamped name).
+    - `callbacks`: functions called as `fn(step, metrics)` with every record the run logs (steps and evaluations).
     """
     cfg = _config(config)
     updates: dict[str, Any] = {}
@@ -96,7 +99,7 @@ def train(
     path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     trainer = Trainer(
         cfg, path, model=obj_model, tokenizer=tokenizer, problems=problems, eval_problems=eval_problems,
-        reward_funcs=callables or None,
+        reward_funcs=callables or None, callbacks=callbacks,
     )  # fmt: skip
     summary = trainer.train()
     metrics = {**summary.get("eval_after", {}), "step": summary.get("step", 0)}

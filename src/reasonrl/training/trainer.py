@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,10 @@ class Trainer:
         problems: list[Problem] | None = None,
         eval_problems: list[Problem] | None = None,
         reward_funcs: dict[str, Any] | None = None,
+        callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
     ) -> None:
         self.cfg, self.run_dir, self.console, self.resumed = cfg, run_dir, console, resume
+        self.callbacks = list(callbacks)  # fn(step, metrics) for every logged record, on process 0
         a, t = cfg.algorithm, cfg.train
         try:  # fail fast on a typo, before any model work
             self.advantage_options = algorithms.advantage_options(a.advantage, a)
@@ -580,6 +583,8 @@ class Trainer:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.logger is not None:
             self.logger.log(step, metrics)
+            for fn in self.callbacks:
+                fn(step, dict(metrics))
 
 
 def _check_sharding(cfg: Config) -> None:
