@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,75 @@ def untrained_run(tmp_path: Path, overrides: list[str]) -> Path:
 def constant_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
     """The same non-dyadic reward for every completion: a float32 std of such a group is a rounding residue, not 0."""
     return [0.1] * len(completions)
+
+
+# ---- bad input (tests/test_bad_input_*.py): the CLI driven as a user would, one table of cases per family
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+    warnings: list[str]
+
+
+def cli(capfd, *argv: str) -> CliResult:
+    """`reasonrl ARGV` through the CLI's `main` in this process: exit code, stdout, stderr and reasonrl's warnings
+    (which pytest captures instead of printing). Any exception but a UserError escapes `main`, so a traceback the
+    user would see fails the test."""
+    import warnings
+
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    from reasonrl.cli import main
+
+    # what main()'s environment variables do when libraries are imported after them, as in a real `reasonrl` run
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    disable_progress_bars()
+    capfd.readouterr()
+    formatwarning = warnings.formatwarning  # main() installs its one-line format: restored for the other tests
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main(list(argv))
+    finally:
+        warnings.formatwarning = formatwarning
+    out, err = capfd.readouterr()
+    return CliResult(code, out, err, [str(w.message) for w in caught])
+
+
+def assert_one_line_error(res: CliResult, *parts: str) -> str:
+    """Exit 2, stderr exactly one 'reasonrl: error:' line containing every part, no traceback anywhere."""
+    lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    assert res.code == 2, (res.code, res.err)
+    assert len(lines) == 1 and lines[0].startswith("reasonrl: error: "), res.err
+    for part in parts:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+    assert "Traceback" not in res.err + res.out
+    return lines[0]
+
+
+def assert_warned(res: CliResult, *parts: str) -> str:
+    """A warning containing every part was given (and the command itself did not fail with a traceback)."""
+    hits = [w for w in res.warnings if all(p in w for p in parts)]
+    assert hits, f"no warning with {parts}; warnings: {res.warnings}"
+    assert "\n" not in hits[0] and "Traceback" not in res.err
+    return hits[0]
+
+
+def sleeping_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """Never returns within any test's timeout (a hung user reward)."""
+    time.sleep(3600)
+    return [0.0] * len(completions)
+
+
+def exiting_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    raise SystemExit(0)
+
+
+def no_opinion_reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
+    """No value for any completion: half None, half NaN (a broken function looks like this)."""
+    return [None if i % 2 else float("nan") for i in range(len(completions))]

@@ -67,12 +67,6 @@ def test_vllm_with_top_p_is_refused():
     assert res.returncode == 2 and "set rollout.top_p=1 and rollout.top_k=0" in res.stderr
 
 
-@pytest.mark.parametrize("args", [["-k", "0"], ["-k", "-1"], ["-n", "0"], ["-n", "-5"], ["--samples", "0"]])
-def test_eval_counts_below_one_are_refused(args):
-    res = run_cli("eval", "--model", "tiny-model-that-is-not-read", *args)
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "must be >= 1" in res.stderr, res.stderr
-
-
 def test_a_run_without_math_answer_reports_eval_reward(tiny_overrides):
     res = run_cli("train", *tiny_overrides, "rewards.functions=[format]", "rewards.weights=[1.0]")
     assert res.returncode == 0, res.stderr

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from reasonrl.errors import UserError
 from reasonrl.training.checkpoint import checkpoint_problem, latest_checkpoint
@@ -38,7 +40,7 @@ def test_damage_before_the_last_line_is_refused_with_its_line(tmp_path: Path) ->
 def _checkpoint(root: Path, step: int, *, complete: bool = True) -> Path:
     path = root / "checkpoints" / f"step-{step:06d}"
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"x" * 8)
+    save_file({"w": torch.zeros(2)}, path / "model.safetensors")
     (path / "trainer_state.json").write_text(json.dumps({"step": step}))
     if complete:
         (path / "training_state.pt").write_bytes(b"x" * 8)
@@ -59,3 +61,6 @@ def test_newest_complete_checkpoint_is_found(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) == four  # a pointer to a missing step falls back to the steps that exist
     (four / "trainer_state.json").write_text("{")
     assert latest_checkpoint(tmp_path) == two
+    weights = two / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])  # a truncated weights file: its header says how long it must be
+    assert "(truncated?)" in checkpoint_problem(two) and latest_checkpoint(tmp_path) is None

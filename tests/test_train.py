@@ -163,41 +163,6 @@ def test_resume_refuses_a_different_config(tiny_overrides, tmp_path):
     assert res.returncode == 2 and "already finished" in res.stderr
 
 
-class _RunsCode:
-    """A pickle that would create a file when unpickled (as a crafted training_state.pt would run a command)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_a_crafted_training_state_cannot_run_code_on_resume(tiny_overrides, tmp_path):
-    """Checkpoints load with `weights_only=True`: a run directory received from someone else cannot run code on
-    `--resume`; it fails with one line naming the file."""
-    from reasonrl.training.checkpoint import latest_checkpoint
-
-    cfg = load_config(None, [*tiny_overrides, "train.run_name=r", "train.steps=3"])
-    run = tmp_path / "runs" / "r"
-    trainer = Trainer(cfg, run)
-    trainer.step()
-    trainer.global_step += 1
-    trainer.checkpoint()
-    trainer.close()
-    state = latest_checkpoint(run) / "training_state.pt"
-    blob = torch.load(state, weights_only=True)  # what reasonrl writes loads as tensors and plain values
-    assert set(blob) == {"optimizer", "scheduler", "rng"}
-    marker = tmp_path / "code-ran"
-    torch.save({"optimizer": _RunsCode(str(marker))}, state)
-    res = subprocess.run(
-        [sys.executable, "-m", "reasonrl", "train", "--resume", str(run)], capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 2 and not marker.exists(), res.stderr
-    assert "training_state.pt is not a reasonrl training state" in res.stderr and res.stderr.count("\n") == 1
-    assert "Traceback" not in res.stderr
-
-
 def test_an_empty_share_makes_no_micro_batch():
     """Under several processes a process may get no group (fewer prompts than processes, a one-prompt resampling
     round); it still joins the update with no micro-batch."""

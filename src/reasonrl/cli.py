@@ -384,7 +384,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from reasonrl.config import load_config
     from reasonrl.data.presets import EvalSet, load_eval_set, parse_data_specs
-    from reasonrl.data.prompts import PromptFormat
+    from reasonrl.data.prompts import PromptFormat, check_prompts
     from reasonrl.data.sources import has_held_out, load_training_data
     from reasonrl.evaluate import evaluate
     from reasonrl.model.loading import load_pretrained, resolve_device, resolve_dtype
@@ -394,7 +394,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if value is not None and value < 1:  # 0 would silently mean "the default", a negative count a slice
             raise UserError(f"{flag} must be >= 1, got {value}")
     run_cfg = Path(args.model, "config.yaml") if args.model else None
-    base = load_config(run_cfg).to_dict() if run_cfg is not None and run_cfg.exists() else None
+    base = None
+    if run_cfg is not None and run_cfg.is_file():
+        from reasonrl.training.run import check_received_code
+
+        saved = load_config(run_cfg)
+        check_received_code(saved, run_cfg, load_config(args.config, args.overrides), rewards=False)
+        base = saved.to_dict()
     cfg = load_config(args.config, args.overrides, base=base)
     specs = parse_data_specs(args.data or [])
     cfg.eval.k = args.k or cfg.eval.k
@@ -426,6 +432,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _, problems = load_training_data(_eval_only(cfg))
         builtin = cfg.data.source == "arithmetic" and cfg.data.eval_source in (None, "arithmetic")
         sets = [EvalSet(cfg.data.eval_source or cfg.data.source, problems[: cfg.eval.num_problems], builtin)]
+    for s in sets:
+        check_prompts(
+            tokenizer,
+            [(p.id, p.prompt) for p in s.problems],
+            PromptFormat.from_config(cfg.data),
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            max_positions=getattr(model.config, "max_position_embeddings", None),
+            label=s.label,
+        )
     reflect = [None] * len(sets)
     if args.feedback:
         from reasonrl.lanpo.feedback import templates_for

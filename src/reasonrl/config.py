@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -183,6 +184,12 @@ class RolloutConfig:
                 "rollout.engine=vllm returns log-probs renormalised over the top-p / top-k tokens, not the behaviour "
                 "policy's; set rollout.top_p=1 and rollout.top_k=0, or use rollout.engine=fast or hf"
             )
+        if self.group_size == 1:
+            warnings.warn(
+                "rollout.group_size=1: each group holds one completion, so every group-relative advantage is 0 and "
+                "nothing is learned; use rollout.group_size=2 or more",
+                stacklevel=1,  # this file: __post_init__'s caller is dataclasses' generated code
+            )
         if self.workers > 1 and self.engine != "fast":
             raise UserError(
                 f"config 'rollout.workers={self.workers}' needs rollout.engine=fast (transformers.generate cannot "
@@ -265,8 +272,15 @@ class LanpoConfig:
                 raise UserError(f"config 'algorithm.lanpo.mix' has unknown mode '{k}'{did_you_mean(k, LANPO_MODES)}")
             if not v >= 0:
                 raise UserError(f"config 'algorithm.lanpo.mix.{k}' must be >= 0, got {v}")
-        if sum(self.mix.values()) <= 0:
+        total = sum(self.mix.values())
+        if total <= 0:
             raise UserError("config 'algorithm.lanpo.mix' needs a positive share for at least one mode")
+        if abs(total - 1) > 1e-6:  # normalising silently would hide a typo such as {scratch: 1, reflect: 1}
+            given = ", ".join(f"{k}: {v:g}" for k, v in self.mix.items())
+            raise UserError(
+                f"config 'algorithm.lanpo.mix' shares sum to {total:g} ({given}); they are shares of each group: "
+                "make them sum to 1, e.g. {scratch: 0.5, reflect: 0.25, abstract: 0.25}"
+            )
 
 
 @dataclass
@@ -453,14 +467,18 @@ def load_config(
     data: dict[str, Any] = copy.deepcopy(base) if base else {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"--config '{p}' is a directory; give a YAML file (e.g. recipes/grpo-tiny.yaml)")
         if not p.is_file():
             raise UserError(f"config file '{p}' not found")
         try:
             loaded = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"{p} is not a text file (not UTF-8); give a YAML config file") from None
         except _DuplicateKey as e:
             raise UserError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
-            raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{p}: invalid YAML{_yaml_where(e)} ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise UserError(f"{p}: expected a mapping of config sections at the top level")
         _deep_merge(data, loaded)
@@ -480,6 +498,12 @@ def load_config(
                 raise UserError(f"override '{item}': '{part}' is not a section")
         node[parts[-1]] = value
     return build(Config, data, "")
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line N, column C' of a YAML error (the problem's position, else the context's), or ''."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
 def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:

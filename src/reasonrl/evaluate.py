@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -221,6 +222,7 @@ def _evaluate(
     out = verifier(
         [p.prompt for p in problems], [c.text for c in greedy], columns, [c.token_ids for c in greedy], chats
     )
+    timeouts = out.metrics.get("reward/verify_timeouts", 0.0)
     metrics = {
         "reward": sum(out.total) / len(problems),
         "truncated": sum(c.truncated for c in greedy) / len(problems),
@@ -248,6 +250,7 @@ def _evaluate(
             problems
         )
         metrics["feedback_truncated"] = sum(c.truncated for c in second) / len(problems)
+        timeouts += res.metrics.get("reward/verify_timeouts", 0.0)
     if n > 1:
         sampled = sampler.generate(prompts, n, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature))
         rep = {key: [v for v in vals for _ in range(n)] for key, vals in columns.items()}
@@ -268,4 +271,13 @@ def _evaluate(
         equivalent = (lambda a, b: table[(a, b)]) if table is not None else None
         voted = [majority_vote(answers, equivalent) for answers in voters]
         metrics[f"maj@{k}"] = sum(j is not None and flags[i * n + j] for i, j in enumerate(voted)) / len(problems)
+        timeouts += res.metrics.get("reward/verify_timeouts", 0.0)
+    # answers the verifier could not judge in rewards.timeout_s count as wrong: say how many there were
+    metrics["verify_timeouts"] = timeouts
+    if timeouts:
+        warnings.warn(
+            f"{timeouts:.0f} answers were cut off by the verifier's rewards.timeout_s and scored as wrong "
+            "(verify_timeouts); raise rewards.timeout_s if they are slow to check, not wrong",
+            stacklevel=3,
+        )
     return metrics

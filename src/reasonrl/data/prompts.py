@@ -56,3 +56,58 @@ def prompt_ids(
         )
         ids = ids[-fmt.max_length :]
     return ids
+
+
+def check_prompts(
+    tokenizer: Any,
+    prompts: list[tuple[str, str]],
+    fmt: PromptFormat,
+    *,
+    max_new_tokens: int,
+    max_positions: int | None,
+    label: str,
+) -> None:
+    """Checks of (problem id, prompt) pairs before any rollout. A prompt that with `max_new_tokens` does not fit the
+    model's `max_positions` is refused, naming the problem (sampling it would allocate memory quadratic in its
+    length); characters the tokenizer cannot represent (they become its unknown token) are warned about, counted."""
+    from reasonrl.errors import UserError
+
+    if max_positions is not None and prompts:
+        limit = max_positions - max_new_tokens
+        if limit < 1:
+            raise UserError(
+                f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                f"{max_positions} positions; lower it"
+            )
+        if fmt.max_length is not None:  # longer prompts are cut to max_length (with a warning)
+            if fmt.max_length > limit:
+                raise UserError(
+                    f"data.max_prompt_length={fmt.max_length} plus rollout.max_new_tokens={max_new_tokens} exceeds "
+                    f"the model's {max_positions} positions; set data.max_prompt_length <= {limit}"
+                )
+        else:
+            overhead = len(prompt_ids(tokenizer, "", fmt)) + 2
+            for pid, text in prompts:
+                if len(text.encode()) + overhead <= limit:  # never more tokens than bytes (+ the template's)
+                    continue
+                # a long text's head already tells (its tokens are at most the whole text's), at a bounded cost
+                n = len(prompt_ids(tokenizer, text[: 64 * (limit + 1)], fmt))
+                if n > limit:
+                    raise UserError(
+                        f"problem '{pid}' of {label}: its prompt is over {limit} tokens, and with "
+                        f"rollout.max_new_tokens={max_new_tokens} it does not fit the model's {max_positions} "
+                        "positions; remove or shorten it, or set data.max_prompt_length (keeps a prompt's last tokens)"
+                    )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not prompts:
+        return
+    chars = set().union(*(set(text) for _, text in prompts))
+    unknown = {c for c in chars if unk in tokenizer(c, add_special_tokens=False)["input_ids"]}
+    if unknown:
+        hit = [pid for pid, text in prompts if not unknown.isdisjoint(text)]
+        shown = ", ".join(repr(c) for c in sorted(unknown)[:8]) + (", ..." if len(unknown) > 8 else "")
+        warnings.warn(
+            f"{len(hit)} of {len(prompts)} prompts of {label} (e.g. problem '{hit[0]}') contain {len(unknown)} "
+            f"characters the tokenizer does not know ({shown}); the model sees them as {tokenizer.unk_token}",
+            stacklevel=2,
+        )

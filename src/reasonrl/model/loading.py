@@ -57,6 +57,11 @@ def load_pretrained(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(path)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise UserError(
+            f"'{path}' is not a model directory (no config.json): give a run directory, a saved model's directory "
+            "or a hub name"
+        )
     if (Path(path) / "adapter_config.json").is_file():
         model, tokenizer = merged_lora_model(path, cfg, dtype)
         return model.to(device), tokenizer

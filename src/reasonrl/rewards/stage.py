@@ -185,6 +185,24 @@ def _check_output(name: str, out: Any, n: int) -> list[float | None]:
     return values
 
 
+def _checked_weights(names: list[str], weights: list[float] | None) -> list[float]:
+    """One finite weight per distinct function name (all 1.0 when None), else a UserError."""
+    if not names:
+        raise UserError("rewards: at least one reward function is needed")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"rewards: function listed twice: {', '.join(dupes)}")
+    weights = [1.0] * len(names) if weights is None else list(weights)
+    if len(weights) != len(names):
+        raise UserError(
+            f"rewards: {len(names)} functions but {len(weights)} weights (rewards.weights); give one weight each"
+        )
+    for n, w in zip(names, weights, strict=True):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise UserError(f"rewards: weight of '{n}' must be a finite number, got {w!r}")
+    return weights
+
+
 class Rewards:
     """The reward stage: several reward functions combined with weights.
 
@@ -209,19 +227,10 @@ class Rewards:
         ``completion_format``: `messages` gives functions that are not built in TRL's conversational form, `auto`
         does so when the call has conversational prompts, `text` never."""
         self.function_timeout_s = function_timeout_s
+        self._warned: set[str] = set()
         self.completion_format = completion_format
         names = list(names)
-        if not names:
-            raise UserError("rewards: at least one reward function is needed")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise UserError(f"rewards: function listed twice: {', '.join(dupes)}")
-        weights = [1.0] * len(names) if weights is None else list(weights)
-        if len(weights) != len(names):
-            raise UserError(f"rewards: {len(names)} functions but {len(weights)} weights; give one weight each")
-        for n, w in zip(names, weights, strict=True):
-            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-                raise UserError(f"rewards: weight of '{n}' must be a finite number, got {w!r}")
+        weights = _checked_weights(names, weights)
         self.names = names
         self.weights = [float(w) for w in weights]
         self.functions: dict[str, RewardFunc] = {}
@@ -278,6 +287,8 @@ class Rewards:
                 timed_out.append(name)
                 out = [None] * n
             per_function[name] = _check_output(name, out, n)
+            if n and name not in timed_out and all(v is None for v in per_function[name]):
+                self._warn_no_values(name, n)
 
         total: list[float] = []
         skipped = 0
@@ -301,6 +312,7 @@ class Rewards:
                 metrics[f"reward/{name}/mean"] = mean
                 metrics[f"reward/{name}/std"] = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
             metrics[f"reward/{name}/share"] = mass[name] / all_mass if all_mass > 0 else 0.0
+            metrics[f"reward/{name}/missing"] = float(len(vals) - len(present))  # None or NaN: no opinion
         statuses = [r.status for fn in self.functions.values() for r in getattr(fn, "last_results", [])]
         metrics["reward/verify_timeouts"] = float(statuses.count("timeout"))
         metrics["reward/unparsable"] = float(statuses.count("unparsable"))
@@ -313,6 +325,18 @@ class Rewards:
         if judge is not None:
             correct = [v is not None and v >= 1.0 for v in per_function[judge]]
         return RewardOutput(total=total, per_function=per_function, correct=correct, metrics=metrics)
+
+    def _warn_no_values(self, name: str, n: int) -> None:
+        """A function with no opinion on a whole batch is most likely broken (a wrong column, an exception it
+        swallows): said once per function, then counted in `reward/<name>/missing`."""
+        if name in self._warned:
+            return
+        self._warned.add(name)
+        warnings.warn(
+            f"reward function '{name}' returned None or NaN for all {n} completions of a batch, so it adds nothing "
+            f"to their rewards (counted in metrics as reward/{name}/missing; warned once)",
+            stacklevel=3,
+        )
 
     def close(self) -> None:
         """Stop worker processes owned by the functions (the math verifier's pool)."""
@@ -354,6 +378,16 @@ def reward_name(fn: Any) -> str:
     if module and qualname and "<" not in qualname and module != "__main__":
         return f"{module}:{qualname}"
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+def check_rewards(cfg: Any, callables: dict[str, RewardFunc] | None = None) -> None:
+    """The `rewards.*` errors a run can have, found before any model work: names, weights, and that every user
+    function imports (importing is all: built-in factories, which may start worker processes, are not called)."""
+    names, weights = reward_spec(cfg)
+    _checked_weights(names, weights)
+    for n in names:
+        if n not in REWARD_FUNCTIONS and not (callables and n in callables):
+            load_reward_function(n)
 
 
 def build_rewards(cfg: Any, tokenizer: Any, callables: dict[str, RewardFunc] | None = None) -> Rewards:

@@ -195,8 +195,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": step, **metrics}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        _append(self.file, self.path, json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(step, metrics)
         if self.tb is not None:
@@ -206,8 +205,11 @@ class MetricsLogger:
 
     def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
         """One line per sampled completion (with the prompt it had: LANPO contexts show here)."""
-        self.completions.write("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
-        self.completions.flush()
+        _append(
+            self.completions,
+            self.path.with_name("completions.jsonl"),
+            "".join(json.dumps({"step": step, **r}) + "\n" for r in rows),
+        )
 
     def close(self) -> None:
         self.file.close()
@@ -216,6 +218,18 @@ class MetricsLogger:
             tracker.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _append(file: Any, path: Path, text: str) -> None:
+    """Write and flush a log's new lines; a full disk (any OSError) is a one-line error: the last checkpoint is
+    intact, and a resume drops the lines written after it (a torn last one included)."""
+    try:
+        file.write(text)
+        file.flush()
+    except OSError as e:
+        raise UserError(
+            f"cannot write {path} ({e.strerror or e}); free space, then resume with --resume {path.parent}"
+        ) from None
 
 
 def _open_log(path: Path, resume_step: int | None) -> Any:

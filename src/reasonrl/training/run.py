@@ -9,7 +9,8 @@ from typing import Any
 
 from reasonrl.config import Config, config_diff, load_config
 from reasonrl.errors import UserError
-from reasonrl.training.checkpoint import latest_checkpoint
+from reasonrl.rewards.stage import REWARD_FUNCTIONS
+from reasonrl.training.checkpoint import latest_checkpoint, saved_config
 from reasonrl.training.distributed import agree, rank_from_env
 from reasonrl.training.trainer import Trainer
 
@@ -30,10 +31,38 @@ def resume_config(run_dir: Path, path: str | None, overrides: list[str]) -> Conf
     if not saved.exists():
         raise UserError(f"{run_dir} is not a reasonrl run directory (no config.yaml)")
     cfg = load_config(saved)
+    check_received_code(cfg, saved, load_config(path, overrides))
     requested = load_config(path, overrides, base=cfg.to_dict())
     if diff := config_diff(cfg, requested):
         raise UserError(f"--resume uses the run's saved config; these keys differ: {', '.join(diff)}")
+    ckpt = latest_checkpoint(run_dir)
+    copy = saved_config(ckpt) if ckpt is not None else None
+    if copy is not None and (edited := config_diff(load_config(copy), cfg)):
+        raise UserError(
+            f"{saved} was edited after {ckpt.name} was written (changed: {', '.join(edited)}); a resumed run keeps "
+            f"the config it was trained with: restore those keys (the checkpoint's copy is {copy}), or start a new run"
+        )
     return cfg
+
+
+def check_received_code(saved: Config, where: Path, command_line: Config, *, rewards: bool = True) -> None:
+    """A run directory is something people share, so the code its config would run (`model.trust_remote_code`,
+    reward functions that are not built in) runs only when the command line (overrides or --config) asks for it as
+    well. `rewards=False`: the command does not call the run's reward functions (eval)."""
+    if saved.model.trust_remote_code and not command_line.model.trust_remote_code:
+        raise UserError(
+            f"{where} sets model.trust_remote_code=true, which runs the model's own Python code; to allow it, repeat "
+            "model.trust_remote_code=true on the command line"
+        )
+    if not rewards:
+        return
+    imported = [n for n in saved.rewards.functions if n not in REWARD_FUNCTIONS]
+    if missing := [n for n in imported if n not in command_line.rewards.functions]:
+        listed = ",".join(f"'{n}'" if ":" in n else n for n in saved.rewards.functions)
+        raise UserError(
+            f"{where} imports reward functions {', '.join(missing)}, whose code would run in this process; to allow "
+            f"it, repeat rewards.functions=[{listed}] on the command line"
+        )
 
 
 def finished_state(run_dir: Path) -> dict[str, Any] | None:

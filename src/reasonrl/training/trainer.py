@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sqlite3
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 from reasonrl import algorithms
 from reasonrl.config import Config
 from reasonrl.data.problems import Problem, conversations, reward_columns
-from reasonrl.data.prompts import PromptFormat, prompt_ids
+from reasonrl.data.prompts import PromptFormat, check_prompts, prompt_ids
 from reasonrl.data.sources import load_training_data
 from reasonrl.data.stream import ProblemStream
 from reasonrl.errors import UserError
@@ -35,10 +37,19 @@ from reasonrl.lanpo.feedback import FeedbackBuilder, advantage_groups, scratch_p
 from reasonrl.lanpo.pool import ExperiencePool, PoolEntry
 from reasonrl.model.forward import resolve_forward
 from reasonrl.model.loading import adopt_policy, compute_dtype, load_policy
-from reasonrl.rewards.stage import build_rewards
+from reasonrl.rewards.stage import build_rewards, check_rewards
 from reasonrl.rollout import SamplingParams, engine_class
 from reasonrl.training.batch import Batch, Round, make_micro_batches, strip_contexts
-from reasonrl.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from reasonrl.training.checkpoint import (
+    check_writable,
+    checkpoint_problem,
+    damaged_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    pointer_fallback,
+    rng_state,
+    save_checkpoint,
+)
 from reasonrl.training.distributed import Processes, runs_on_cpu
 from reasonrl.training.metrics import MetricsLogger, StageTimer, read_metrics, step_metrics
 from reasonrl.training.trackers import open_trackers
@@ -69,11 +80,14 @@ class Trainer:
         self.cfg, self.run_dir, self.console, self.resumed = cfg, run_dir, console, resume
         self.callbacks = list(callbacks)  # fn(step, metrics) for every logged record, on process 0
         a, t = cfg.algorithm, cfg.train
-        try:  # fail fast on a typo, before any model work
+        try:  # fail fast on a typo, before any model work (as the reward and output checks below)
             self.advantage_options = algorithms.advantage_options(a.advantage, a)
         except ValueError as e:
             raise UserError(str(e)) from None
         _check_sharding(cfg)
+        check_rewards(cfg, reward_funcs)
+        if not resume:
+            check_writable(run_dir)
         self.procs = procs = Processes(mixed_precision(cfg), cpu=runs_on_cpu(cfg.model.device), sharding=t.sharding)
         if procs.world > 1 and cfg.model.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"model.device={cfg.model.device} names one device; use auto under a multi-process launch")
@@ -87,6 +101,8 @@ class Trainer:
                 self.model, self.tokenizer, self.device = load_policy(cfg, self.problems, console, device)
             else:
                 self.model, self.tokenizer, self.device = adopt_policy(model, tokenizer, cfg, device)
+        self.prompt_format = PromptFormat.from_config(cfg.data)
+        self._check_prompts()
         if t.gradient_checkpointing:
             _enable_activation_checkpointing(self.model)
         self.rewards = build_rewards(cfg, self.tokenizer, reward_funcs)
@@ -128,7 +144,6 @@ class Trainer:
         # budget counters (train.max_seconds / max_tokens): sums of time/step and tokens/sampled, checkpointed
         self.elapsed, self.tokens_total = 0.0, 0
         self.stream = ProblemStream(self.problems, t.seed)
-        self.prompt_format = PromptFormat.from_config(cfg.data)
         self.sampling = SamplingParams(
             cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k
         )
@@ -137,14 +152,32 @@ class Trainer:
             cfg.save(run_dir / "config.yaml")
         ckpt = latest_checkpoint(run_dir) if resume else None
         if resume and ckpt is None:
+            if damaged := damaged_checkpoints(run_dir):
+                raise UserError(
+                    f"{run_dir} has no complete checkpoint to resume from ({'; '.join(damaged)}): restore one, or "
+                    "delete that directory and start anew"
+                )
             raise UserError(
                 f"{run_dir} has no complete checkpoint to resume from (it stopped before its first one; "
                 f"train.save_every={t.save_every}): delete that directory, or start anew under another train.run_name"
+            )
+        if ckpt is not None and procs.is_main and (named := pointer_fallback(run_dir, ckpt)) is not None:
+            why = checkpoint_problem(run_dir / "checkpoints" / named)
+            warnings.warn(
+                f"{run_dir}/checkpoints/latest names {named} ({why}); resuming from {ckpt.name}, the newest complete "
+                "checkpoint",
+                stacklevel=2,
             )
         # RL starts from the same RNG state whether or not the warm-start was cached; processes sample differently
         torch.manual_seed(t.seed + procs.rank)
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.model, optimizer, scheduler, procs.rank, procs.world)
+            if not math.isclose(scheduler.base_lrs[0], t.lr, rel_tol=1e-9):  # a checkpoint without run_config.yaml
+                raise UserError(
+                    f"train.lr={t.lr:g} in {run_dir}/config.yaml, but {ckpt.name} was trained at "
+                    f"{scheduler.base_lrs[0]:g} and a resumed run keeps its schedule; restore "
+                    f"train.lr={scheduler.base_lrs[0]:g}, or start a new run for another rate"
+                )
             self.global_step, self.stream.cursor = state["step"], state["cursor"]
             self.elapsed, self.tokens_total = state.get("elapsed_seconds", 0.0), state.get("tokens_total", 0)
             self.engine.load_weights(self.model)  # an engine with its own copy (vLLM) samples from the resumed weights
@@ -160,6 +193,22 @@ class Trainer:
         self.timer = StageTimer()
         self.last_samples: list[tuple[str, str, float]] = []
 
+    def _check_prompts(self) -> None:
+        """Prompts too long for the model refused, unknown characters warned about: before any rollout."""
+        d, positions = self.cfg.data, getattr(self.model.config, "max_position_embeddings", None)
+        sets = [(self.problems, d.source)]
+        if self.eval_problems is not self.problems:
+            sets.append((self.eval_problems[: self.cfg.eval.num_problems], d.eval_source or d.source))
+        for problems, label in sets:
+            check_prompts(
+                self.tokenizer,
+                [(p.id, p.prompt) for p in problems],
+                self.prompt_format,
+                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                max_positions=positions,
+                label=label,
+            )
+
     def _open_pool(self, resume: bool) -> tuple[ExperiencePool, FeedbackBuilder]:
         """The run's experience pool (SPEC §5), rolled back to the checkpoint's step on resume so nothing written
         after it (rollouts, evictions, lessons) survives a kill; and the prompt builder that reads it."""
@@ -167,17 +216,24 @@ class Trainer:
         # every process embeds its own queries; the model is loaded before the pool, so a missing one fails first
         embedder = load_embedder(lanpo.embedding_model) if lanpo.retriever == "embedding" else None
         with procs.accelerator.main_process_first():  # process 0 owns the pool; the others only read it
-            pool = ExperiencePool(
-                self.run_dir / "pool.sqlite",
-                max_per_problem=lanpo.pool_max_per_problem,
-                max_size=lanpo.pool_max_size,
-                read_only=not procs.is_main,
-                embedder=embedder,
-            )
-            if resume and procs.is_main:
-                pool.rollback(self.global_step)
-            elif not resume and pool.stats()["size"] > 0:
-                raise UserError(f"{self.run_dir / 'pool.sqlite'} already has entries; start a new run directory")
+            path = self.run_dir / "pool.sqlite"
+            try:
+                pool = ExperiencePool(
+                    path,
+                    max_per_problem=lanpo.pool_max_per_problem,
+                    max_size=lanpo.pool_max_size,
+                    read_only=not procs.is_main,
+                    embedder=embedder,
+                )
+                if resume and procs.is_main:
+                    pool.rollback(self.global_step)
+                elif not resume and pool.stats()["size"] > 0:
+                    raise UserError(f"{path} already has entries; start a new run directory")
+            except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+                raise UserError(
+                    f"cannot read the experience pool {path} ({e}); restore it from a copy, or start a new run "
+                    "(the pool cannot be rebuilt from the checkpoint)"
+                ) from None
         tok = self.tokenizer
 
         def ids(text: str) -> list[int]:
@@ -557,6 +613,7 @@ class Trainer:
             rng=rng,
             weights=weights,
             optimizer_state=optimizer_state,
+            config_yaml=self.cfg.to_yaml(),
         )
         if self.pool is not None:  # evictions up to this step can no longer be rolled back: purge them
             self.pool.checkpointed(self.global_step)
