@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -358,3 +359,20 @@ def test_adam_betas_out_of_range_are_refused(betas):
 
     with pytest.raises(UserError, match="train.adam_betas"):
         load_config(None, [f"train.adam_betas={betas}"])
+
+
+def test_max_prompt_length_cuts_prompts_and_counts_them(tiny_overrides, tmp_path):
+    """data.max_prompt_length keeps each rollout prompt's last tokens and logs the share cut (prompt/truncated): every
+    prompt of the built-in task is longer than 3 characters, none is longer than 400; without the option, no metric."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        short, m_short, _ = step(tiny_overrides, tmp_path / "a", "data.max_prompt_length=3")
+    _, m_long, _ = step(tiny_overrides, tmp_path / "b", "data.max_prompt_length=400")
+    _, m_none, _ = step(tiny_overrides, tmp_path / "c")
+    assert m_short["prompt/truncated"] == 1.0 and m_long["prompt/truncated"] == 0.0
+    assert "prompt/truncated" not in m_none
+    logged = [json.loads(line) for line in (short.run_dir / "completions.jsonl").read_text().splitlines()]
+    assert logged and {len(r["templated_prompt"]) for r in logged} == {3}  # one character per token
+    assert all(r["prompt"].endswith(r["templated_prompt"]) for r in logged)  # the last ones

@@ -87,7 +87,10 @@ class DataConfig:
     system_prompt: str | None = _opt(None, "system message when the tokenizer has a chat template")
     chat_template_kwargs: dict[str, Any] = _opt({}, "extra chat-template variables, e.g. {enable_thinking: false}")
     max_prompt_length: int | None = _opt(
-        None, "longest prompt in tokens; a longer one keeps its last tokens, with a warning (TRL's rule)", ge=1
+        None,
+        "longest prompt in tokens; a longer one keeps its last tokens (TRL's rule), with a warning and the share cut "
+        "per step in the prompt/truncated metric",
+        ge=1,
     )
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
 

@@ -31,8 +31,23 @@ class PromptFormat:
 def prompt_ids(
     tokenizer: Any, text: str, fmt: PromptFormat | None = None, history: Sequence[Mapping[str, str]] = ()
 ) -> list[int]:
-    """`text` as the user's turn after `history` (a conversational prompt's earlier turns), through the chat
-    template; `data.system_prompt` opens the conversation unless the history has its own system message."""
+    """`encode_prompt`, warning when a prompt is cut to `data.max_prompt_length`."""
+    ids, dropped = encode_prompt(tokenizer, text, fmt, history)
+    if dropped:
+        warnings.warn(
+            f"a prompt of {len(ids) + dropped} tokens is longer than data.max_prompt_length={len(ids)}: its first "
+            f"{dropped} tokens are dropped",
+            stacklevel=2,
+        )
+    return ids
+
+
+def encode_prompt(
+    tokenizer: Any, text: str, fmt: PromptFormat | None = None, history: Sequence[Mapping[str, str]] = ()
+) -> tuple[list[int], int]:
+    """The token ids of `text` as the user's turn after `history` (a conversational prompt's earlier turns), through
+    the chat template (`data.system_prompt` opens the conversation unless the history has its own system message),
+    and how many leading tokens `data.max_prompt_length` cut off."""
     fmt = fmt or PromptFormat()
     if getattr(tokenizer, "chat_template", None):
         own_system = any(m["role"] == "system" for m in history)
@@ -49,13 +64,8 @@ def prompt_ids(
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if fmt.max_length is not None and len(ids) > fmt.max_length:
         # TRL's rule: the end of the prompt (the question, the assistant turn's opening) matters most
-        warnings.warn(
-            f"a prompt of {len(ids)} tokens is longer than data.max_prompt_length={fmt.max_length}: its first "
-            f"{len(ids) - fmt.max_length} tokens are dropped",
-            stacklevel=2,
-        )
-        ids = ids[-fmt.max_length :]
-    return ids
+        return ids[-fmt.max_length :], len(ids) - fmt.max_length
+    return ids, 0
 
 
 def check_prompts(

@@ -46,6 +46,8 @@ class Batch:
     reward_metrics: list[dict[str, float]] = field(default_factory=list)  # per round
     feedback_stats: list[FeedbackStats] = field(default_factory=list)  # per round (LANPO)
     rounds: int = 0
+    prompts: int = 0  # this process's rollout prompts, and those cut to data.max_prompt_length
+    prompts_cut: int = 0
     kept_groups: int = 0  # over all processes
     zero_std_groups: float | None = None  # share of the first round's groups (all processes) with equal rewards
     # from the advantages stage on

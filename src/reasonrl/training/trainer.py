@@ -27,7 +27,7 @@ import torch
 from reasonrl import algorithms
 from reasonrl.config import Config
 from reasonrl.data.problems import Problem, conversations, reward_columns
-from reasonrl.data.prompts import PromptFormat, check_prompts, prompt_ids
+from reasonrl.data.prompts import PromptFormat, check_prompts, encode_prompt, prompt_ids
 from reasonrl.data.sources import load_training_data
 from reasonrl.data.stream import ProblemStream
 from reasonrl.errors import UserError
@@ -314,7 +314,7 @@ class Trainer:
             plans, stats = self.feedback.build(problems, batch.group_size, batch.step)
             batch.feedback_stats.append(stats)
         rnd = Round(problems, plans)
-        rnd.prompt_ids = self._prompt_ids([p.text for p in plans], [p.problem.history for p in plans])
+        rnd.prompt_ids = self._prompt_ids([p.text for p in plans], [p.problem.history for p in plans], batch)
         return rnd
 
     def generate(self, rnd: Round) -> None:
@@ -453,7 +453,7 @@ class Trainer:
         self.last_samples = [
             (p.prompt, batch.completions[i * G].text, batch.rewards[i * G]) for i, p in enumerate(batch.problems[:3])
         ]
-        return step_metrics(
+        out = step_metrics(
             procs,
             batch,
             trained=procs.gather(trained),
@@ -469,17 +469,33 @@ class Trainer:
             pool_size=float(self.pool.stats()["size"]) if self.pool is not None else None,
             lr=self.scheduler.get_last_lr()[0],
         )
+        if self.prompt_format.max_length is not None:  # TRL's max_prompt_length: cut prompts, counted
+            n = procs.sum_dict({"cut": float(batch.prompts_cut), "all": float(batch.prompts)})
+            out["prompt/truncated"] = n["cut"] / max(n["all"], 1.0)
+            if n["cut"]:
+                warnings.warn(
+                    f"prompts longer than data.max_prompt_length={self.prompt_format.max_length} lose their first "
+                    "tokens (share per step: prompt/truncated)",
+                    stacklevel=2,
+                )
+        return out
 
-    def _prompt_ids(self, texts: list[str], histories: list[tuple[dict[str, str], ...]]) -> list[list[int]]:
+    def _prompt_ids(
+        self, texts: list[str], histories: list[tuple[dict[str, str], ...]], batch: Batch | None = None
+    ) -> list[list[int]]:
         """Token ids of each prompt text after its conversation's earlier turns (chat template applied); repeated
-        prompts are tokenised once."""
-        cache: dict[tuple[str, str], list[int]] = {}
+        prompts are tokenised once. Prompts cut to `data.max_prompt_length` are counted in `batch`."""
+        cache: dict[tuple[str, str], tuple[list[int], int]] = {}
         out = []
         for t, h in zip(texts, histories, strict=True):
             key = (t, repr(h))
             if key not in cache:
-                cache[key] = prompt_ids(self.tokenizer, t, self.prompt_format, h)
-            out.append(cache[key])
+                cache[key] = encode_prompt(self.tokenizer, t, self.prompt_format, h)
+            ids, dropped = cache[key]
+            out.append(ids)
+            if batch is not None:
+                batch.prompts += 1
+                batch.prompts_cut += dropped > 0
         return out
 
     # ---- around the steps -------------------------------------------------------------------------------------
