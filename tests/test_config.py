@@ -103,3 +103,17 @@ def test_scale_rewards_takes_trls_boolean_spelling():
     assert load_config(None, ["algorithm.scale_rewards=batch"]).algorithm.scale_rewards == "batch"
     with pytest.raises(UserError, match="must be one of group, batch, none"):
         load_config(None, ["algorithm.scale_rewards=1"])
+
+
+def test_reward_functions_without_weights_weigh_one_each(tmp_path):
+    """The default weights [1.0, 0.1] belong to the default functions; functions set without weights (override or
+    file) get 1.0 each, as in TRL, and weights given with them are kept."""
+    assert load_config().rewards.weights == [1.0, 0.1]
+    assert load_config(None, ["rewards.functions=[format]"]).rewards.weights is None
+    cfg = load_config(None, ["rewards.functions=[format, math_answer]", "rewards.weights=[0.5, 2]"])
+    assert cfg.rewards.weights == [0.5, 2.0]
+    path = tmp_path / "c.yaml"
+    path.write_text("rewards:\n  functions: [math_answer]\n")
+    assert load_config(path).rewards.weights is None
+    cfg.save(tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml").rewards.weights == [0.5, 2.0]

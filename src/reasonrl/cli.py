@@ -18,7 +18,7 @@ from reasonrl.errors import UserError
 EXAMPLES = """examples:
   reasonrl train                                        # the embedded demo: tiny model, arithmetic, GRPO
   reasonrl train algorithm.advantage=rloo rollout.group_size=4
-  reasonrl train --config recipes/grpo-tiny.yaml train.steps=100
+  reasonrl train --config recipes/lampo-tiny.yaml train.steps=100
   reasonrl train --resume runs/grpo-20260101-120000
   reasonrl eval --model runs/grpo-20260101-120000 --data problems.jsonl -k 8
   reasonrl eval --model runs/lanpo-20260101-120000 --feedback  # also accuracy after reflecting on a first attempt

@@ -203,7 +203,10 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     functions: list[str] = _opt(["math_answer", "format"], "built-in names or 'module:function'")
-    weights: list[float] | None = _opt([1.0, 0.1], "one weight per function (default all 1.0)")
+    weights: list[float] | None = _opt(
+        [1.0, 0.1],
+        "one weight per function; null = 1.0 each, which is also what rewards.functions set without weights gets",
+    )
     timeout_s: float = _opt(5.0, "wall-clock limit per verified item; a timeout scores 0", gt=0)
     num_workers: int = _opt(2, "verifier worker processes", ge=1)
     completion_format: Literal["auto", "text", "messages"] = _opt(
@@ -471,7 +474,7 @@ def load_config(
     if path is not None:
         p = Path(path)
         if p.is_dir():
-            raise UserError(f"--config '{p}' is a directory; give a YAML file (e.g. recipes/grpo-tiny.yaml)")
+            raise UserError(f"--config '{p}' is a directory; give a YAML file (e.g. recipes/lampo-tiny.yaml)")
         if not p.is_file():
             raise UserError(f"config file '{p}' not found")
         try:
@@ -500,6 +503,9 @@ def load_config(
             if not isinstance(node, dict):
                 raise UserError(f"override '{item}': '{part}' is not a section")
         node[parts[-1]] = value
+    rewards = data.get("rewards")
+    if isinstance(rewards, dict) and "functions" in rewards and "weights" not in rewards:
+        rewards["weights"] = None  # functions given without weights: 1.0 each (TRL's rule), not the defaults' weights
     return build(Config, data, "")
 
 
