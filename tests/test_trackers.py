@@ -103,3 +103,63 @@ def test_a_run_reports_its_records_to_the_tracker(tiny_overrides, tmp_path, monk
     client = mlflow.tracking.MlflowClient(f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}")
     logged = {(m.step, m.value) for m in client.get_metric_history(run_id, "loss")}
     assert logged == {(r["step"], r["loss"]) for r in records if "loss" in r} and logged
+
+
+def wandb_history(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """The history rows of an offline W&B run file, which W&B gives no reader for: a LevelDB-style log (a 7-byte
+    header, then records of crc32, little-endian length and type in 32 KiB blocks) of `Record` protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B", "not a W&B run file"
+    series: dict[str, list[tuple[int, float]]] = {}
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind not in (1, 4):  # FULL or LAST ends a record
+            continue
+        record, buf = pb.Record.FromString(buf), b""
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                if not key.startswith("_"):
+                    series.setdefault(key, []).append((record.history.step.num, json.loads(item.value_json)))
+    return series
+
+
+def test_wandb_and_mlflow_record_the_same_scalars_as_tensorboard(tiny_overrides, tmp_path, monkeypatch):
+    """A 2-step run with train.report_to=[wandb, mlflow] and TensorBoard: W&B (offline) and MLflow (its local store, a
+    SQLite file in the run directory; MLflow 3 refuses the old ./mlruns file store by default) hold every TensorBoard
+    series, point for point."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from reasonrl.training.trainer import Trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    cfg = load_config(
+        None, [*tiny_overrides, "train.report_to=[wandb,mlflow]", "train.steps=2", "train.tensorboard=true"]
+    )
+    Trainer(cfg, run_dir).train()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    tb = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert {"loss", "reward/mean", "eval/accuracy"} <= set(tb) and len(tb["loss"]) == 2
+
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    [wandb_file] = (run_dir / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb")
+    wandb = wandb_history(wandb_file)
+    assert set(wandb) == set(tb)
+    for tag, series in tb.items():
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], tag.replace("@", "_")))
+        for name, got in (("mlflow", logged), ("wandb", sorted(wandb[tag]))):
+            assert [s for s, _ in got] == [s for s, _ in series], (name, tag)
+            assert [v for _, v in got] == pytest.approx([v for _, v in series], rel=1e-6), (name, tag)  # TB: float32
