@@ -56,7 +56,8 @@ def save_checkpoint(
 ) -> Path:
     """`rng`: the RNG state of every process, in rank order (default: this process's). `weights` /
     `optimizer_state`: the full states gathered from a sharded model (default: the model's and optimiser's own);
-    a sharded run's optimiser state is keyed by parameter name, marked `optimizer_format: fqn`."""
+    a `train.sharding=fsdp` run's optimiser state is keyed by parameter name (whatever its process count), marked
+    `optimizer_format: fqn`, so that any process count resumes it."""
     root = run_dir / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
@@ -122,10 +123,9 @@ def load_checkpoint(
 
     sharded = is_sharded(model)
     blob = _load_training_state(path / "training_state.pt")
-    if sharded != (blob.get("optimizer_format") == "fqn"):
-        how = "unsharded: resume it with train.sharding=none" if sharded else "sharded: resume it with "
-        how = how if sharded else how + "train.sharding=fsdp on 2 or more processes"
-        raise UserError(f"checkpoint {path} was written {how}")
+    by_name = blob.get("optimizer_format") == "fqn"
+    if sharded and not by_name:  # AdamW's state keyed by position: only the model it was written from reads it
+        raise UserError(f"checkpoint {path} was written with train.sharding=none: resume it with train.sharding=none")
     if sharded:  # every process reads the full weights and keeps its shard (any process count)
         from reasonrl.training.fsdp import load_model_state
 
@@ -141,7 +141,7 @@ def load_checkpoint(
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
-    if sharded:
+    if by_name:  # any process count, sharded or not: each process keeps its shard of the full state
         from reasonrl.training.fsdp import load_optimizer_state
 
         load_optimizer_state(model, optimizer, blob["optimizer"])

@@ -521,7 +521,9 @@ class Trainer:
         Process 0 writes it, with every process's RNG state; the others wait until it is in place."""
         rng = self.procs.gather([rng_state()])
         weights, optimizer_state = self._full_state(), None
-        if self.procs.sharded:  # AdamW's shards gathered, keyed by parameter name (any process count resumes it)
+        # train.sharding=fsdp: AdamW's state (its shards gathered) keyed by parameter name, also on one process, so
+        # that any process count resumes it
+        if self.cfg.train.sharding == "fsdp":
             from reasonrl.training.fsdp import optimizer_state as gather_optimizer_state
 
             optimizer_state = gather_optimizer_state(self.model, self.optimizer)
