@@ -45,16 +45,26 @@ def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 AGGREGATIONS = ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 
 
-@pytest.mark.parametrize(
-    ("loss_agg", "sharding"), [*((agg, "none") for agg in AGGREGATIONS), *((agg, "fsdp") for agg in AGGREGATIONS)]
-)
+# train.fsdp.* away from their defaults (the default values are checked in every other fsdp case)
+FSDP_OPTIONS = (
+    "train.fsdp.reshard_after_forward=false", "train.fsdp.cpu_offload=true", "train.fsdp.activation_checkpointing=true",
+)  # fmt: skip
+
+
+CASES = [*((agg, sharding) for sharding in ("none", "fsdp") for agg in AGGREGATIONS), ("token-mean", "fsdp+options")]
+
+
+@pytest.mark.parametrize(("loss_agg", "sharding"), CASES)
 def test_two_processes_take_the_same_step_as_one(tiny_overrides, tmp_path, loss_agg, sharding):
     """2 processes (DDP, or FSDP2 with `train.sharding=fsdp`) against 1 unsharded process on the same global batch:
     3 groups on process 0 and 2 on process 1, micro-batches of 3 (4 against 3 passes); under FSDP the worker also
-    checks that every decoder layer is whole inside each sampling window and a shard again after it."""
+    checks that every decoder layer is whole inside each sampling window and a shard again after it, and that each
+    `train.fsdp.*` value shows in the model (`_check_fsdp_options`): with the non-default ones the step is the same."""
+    sharding, _, extra = sharding.partition("+")
     overrides = [
         *tiny_overrides, "warmstart.steps=0", "model.device=cpu", "rollout.prompts_per_step=5",
         "train.micro_batch_size=3", f"algorithm.loss_agg={loss_agg}", "algorithm.beta=0.05", "train.max_grad_norm=0",
+        *(FSDP_OPTIONS if extra else ()),
     ]  # fmt: skip
     worker = str(ROOT / "tests" / "distributed_worker.py")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
@@ -62,6 +72,9 @@ def test_two_processes_take_the_same_step_as_one(tiny_overrides, tmp_path, loss_
     _run([*LAUNCH_2, worker, str(two), str(tmp_path / "run2"), *overrides, f"train.sharding={sharding}"])
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"]) == (1, 2)
+    if extra:  # saved with the run
+        saved = (tmp_path / "run2" / "config.yaml").read_text()
+        assert all(f"{o.split('.')[-1].replace('=', ': ')}" in saved for o in FSDP_OPTIONS), saved
     initial = _initial_params(overrides)
     moved = 0
     for name, p in a["params"].items():
@@ -294,11 +307,14 @@ def _launch_and_kill_after_checkpoint(cmd: list[str], run: Path) -> None:
 
 @pytest.mark.parametrize(
     ("option", "named"),
-    [("lora.enabled=true", "lora"), ("rollout.engine=vllm", "vllm"), ("train.ref_offload=true", "ref_offload")],
-)
+    [
+        ("lora.enabled=true", "lora"), ("rollout.engine=vllm", "vllm"), ("train.ref_offload=true", "ref_offload"),
+        ("train.gradient_checkpointing=true train.fsdp.activation_checkpointing=true", "gradient_checkpointing"),
+    ],
+)  # fmt: skip
 def test_fsdp_refuses_what_it_does_not_combine_with(tiny_overrides, option, named, capsys):
     from reasonrl.cli import main
 
-    assert main(["train", *tiny_overrides, "train.sharding=fsdp", option]) == 2
+    assert main(["train", *tiny_overrides, "train.sharding=fsdp", *option.split()]) == 2
     err = capsys.readouterr().err
     assert "train.sharding=fsdp" in err and named in err and len(err.strip().splitlines()) == 1

@@ -99,9 +99,9 @@ class Trainer:
                 ref_model.to("cpu")
         # train.sharding=fsdp: the policy and the reference model sharded alike, before the optimiser exists
         precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(cfg))
-        procs.shard_model(self.model, precision)
+        procs.shard_model(self.model, precision, t.fsdp)
         if ref_model is not None:
-            procs.shard_model(ref_model, precision)
+            procs.shard_model(ref_model, precision, t.fsdp, trained=False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # the fused kernel (one per parameter instead of a dozen ops) where torch has it: same update to float rounding
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
@@ -583,8 +583,21 @@ def _check_sharding(cfg: Config) -> None:
         return
     for bad, why in (
         (cfg.lora.enabled, "lora.enabled=true (LoRA trains few parameters: use DDP)"),
-        (cfg.rollout.engine == "vllm", "rollout.engine=vllm (sampling runs the gathered policy: use fast or hf)"),
-        (cfg.train.ref_offload, "train.ref_offload=true (the reference model is sharded instead)"),
+        (
+            cfg.rollout.engine == "vllm",
+            "rollout.engine=vllm (the weight sync from the shards into vLLM is not "
+            "built; sampling runs the gathered policy: use rollout.engine=fast or hf)",
+        ),
+        (
+            cfg.train.ref_offload,
+            "train.ref_offload=true (the reference model is sharded instead; "
+            "train.fsdp.cpu_offload=true keeps its shards on the CPU)",
+        ),
+        (
+            cfg.train.gradient_checkpointing and cfg.train.fsdp.activation_checkpointing,
+            "both train.gradient_checkpointing and train.fsdp.activation_checkpointing (each recomputes every decoder "
+            "layer: keep train.fsdp.activation_checkpointing)",
+        ),
         (mixed_precision(cfg) == "fp16", "fp16 compute (no loss scaling for sharded gradients: use bfloat16)"),
     ):
         if bad:
