@@ -64,12 +64,12 @@ def test_two_processes_take_the_same_step_as_one(tiny_overrides, tmp_path, loss_
     overrides = [
         *tiny_overrides, "warmstart.steps=0", "model.device=cpu", "rollout.prompts_per_step=5",
         "train.micro_batch_size=3", f"algorithm.loss_agg={loss_agg}", "algorithm.beta=0.05", "train.max_grad_norm=0",
-        *(FSDP_OPTIONS if extra else ()),
     ]  # fmt: skip
     worker = str(ROOT / "tests" / "distributed_worker.py")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run([sys.executable, worker, str(one), str(tmp_path / "run1"), *overrides])
-    _run([*LAUNCH_2, worker, str(two), str(tmp_path / "run2"), *overrides, f"train.sharding={sharding}"])
+    options = FSDP_OPTIONS if extra else ()  # (one process refuses train.fsdp.* without train.sharding=fsdp)
+    _run([*LAUNCH_2, worker, str(two), str(tmp_path / "run2"), *overrides, f"train.sharding={sharding}", *options])
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"]) == (1, 2)
     if extra:  # saved with the run
@@ -318,3 +318,11 @@ def test_fsdp_refuses_what_it_does_not_combine_with(tiny_overrides, option, name
     assert main(["train", *tiny_overrides, "train.sharding=fsdp", *option.split()]) == 2
     err = capsys.readouterr().err
     assert "train.sharding=fsdp" in err and named in err and len(err.strip().splitlines()) == 1
+
+
+def test_fsdp_options_without_fsdp_are_refused(tiny_overrides, capsys):
+    from reasonrl.cli import main
+
+    assert main(["train", *tiny_overrides, "train.fsdp.cpu_offload=true"]) == 2
+    err = capsys.readouterr().err
+    assert "train.fsdp.cpu_offload" in err and "train.sharding=fsdp" in err and len(err.strip().splitlines()) == 1

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from reasonrl import algorithms
-from reasonrl.config import Config
+from reasonrl.config import Config, FSDPConfig
 from reasonrl.data.problems import Problem, reward_columns
 from reasonrl.data.prompts import PromptFormat, prompt_ids
 from reasonrl.data.sources import load_training_data
@@ -580,6 +580,9 @@ class Trainer:
 def _check_sharding(cfg: Config) -> None:
     """What `train.sharding=fsdp` does not combine with, refused before any model work."""
     if cfg.train.sharding != "fsdp":
+        changed = [k for k, v in dataclasses.asdict(cfg.train.fsdp).items() if v != getattr(FSDPConfig(), k)]
+        if changed:
+            raise UserError(f"train.fsdp.{changed[0]} applies only with train.sharding=fsdp: set that, or drop it")
         return
     for bad, why in (
         (cfg.lora.enabled, "lora.enabled=true (LoRA trains few parameters: use DDP)"),
