@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,16 @@ def user_error(parts: list[str], fn, *args, **kwargs) -> str:
 def length_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
     """A dense test reward (length plus a content hash) so that even an untrained policy gets non-zero advantages."""
     return [len(c) / 10 + sum(map(ord, c)) % 7 / 7 for c in completions]
+
+
+def held_length_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """`length_reward`; with REASONRL_TEST_HOLD=RUN_DIR set, a call made once RUN_DIR has a checkpoint marks its process
+    (RUN_DIR/held-PID) and sleeps: a run held inside the step after its first checkpoint, for a test to SIGKILL."""
+    hold = os.environ.get("REASONRL_TEST_HOLD")
+    if hold and (Path(hold) / "checkpoints" / "latest").exists():
+        (Path(hold) / f"held-{os.getpid()}").touch()
+        time.sleep(120)
+    return length_reward(prompts, completions, **columns)
 
 
 def untrained_run(tmp_path: Path, overrides: list[str]) -> Path:

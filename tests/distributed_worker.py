@@ -43,7 +43,8 @@ def main(out: str, run_dir: str, *overrides: str) -> None:
             cfg.train.micro_batch_size, trainer.tokenizer.pad_token_id, trainer.device,
         )  # fmt: skip
         # the gradient the optimiser steps with (Adam's first step hardly depends on the gradient's scale)
-        named = list(trainer.model.named_parameters())
+        # (under train.fsdp.activation_checkpointing a layer's parameters are named inside its checkpoint wrapper)
+        named = [(k.replace("_checkpoint_wrapped_module.", ""), p) for k, p in trainer.model.named_parameters()]
         grads, step = {}, trainer.optimizer.step
 
         def capture(*args, **kwargs):
@@ -56,6 +57,7 @@ def main(out: str, run_dir: str, *overrides: str) -> None:
         with trainer.procs.full_weights(trainer.model):  # a second window, after an update: the same
             _check_gathered(trainer, gathered=True)
         _check_gathered(trainer, gathered=False)
+        _check_fsdp_options(trainer)
         params = {k: _full(v) for k, v in named}  # every process: gathering a shard is collective
         if trainer.procs.is_main:
             torch.save({"params": params, "grads": grads, "metrics": metrics, "world": trainer.procs.world}, out)
@@ -79,6 +81,48 @@ def _check_gathered(trainer: Trainer, gathered: bool) -> None:
             assert isinstance(p, DTensor) != gathered, (type(unit).__name__, name, type(p).__name__)
             if not gathered:  # this process's rows only
                 assert p.to_local().numel() < p.numel(), name
+
+
+def _check_fsdp_options(trainer: Trainer) -> None:
+    """Sharded runs: each `train.fsdp.*` value shows in the model. Offload: every unit of the policy and the reference
+    holds FSDP2's CPU offload policy, or none. Reshard after forward: a forward without backward leaves the decoder
+    layers' weights gathered (plain tensors) only when off; the reference model, which has no backward, is always
+    sharded again after its passes. Activation checkpointing: every decoder layer is a checkpoint wrapper and its
+    MLP runs twice in a forward + backward (the recomputation), else once."""
+    if not trainer.procs.sharded:
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    options, model, ref = trainer.cfg.train.fsdp, trainer.model, trainer.updater.ref_model
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    ref_units = [m for m in ref.modules() if isinstance(m, FSDPModule)]
+    for unit in units + ref_units:
+        policy = unit._get_fsdp_state()._fsdp_param_group.offload_policy
+        assert isinstance(policy, CPUOffloadPolicy) == options.cpu_offload, type(policy).__name__
+    for unit in ref_units:  # after the update's reference passes
+        assert all(isinstance(p, DTensor) for p in unit.parameters()), type(unit).__name__
+        assert not isinstance(unit, CheckpointWrapper)
+    layers = [m for m in units if m is not model]
+    assert all(isinstance(m, CheckpointWrapper) == options.activation_checkpointing for m in layers)
+    ids = trainer.updater._dummy_ids()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for layer in layers:
+        assert all(isinstance(p, DTensor) == options.reshard_after_forward for p in layer.parameters())
+    calls, mlp = [], layers[0].mlp
+    forward = mlp.forward  # counted in the forward itself: module hooks do not fire in a recomputation
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    mlp.forward = counted
+    model(input_ids=ids, use_cache=False).logits.float().sum().mul(0.0).backward()  # zero: the checked step is over
+    assert len(calls) == (2 if options.activation_checkpointing else 1), len(calls)
+    for unit in units:  # the backward frees every gathered weight, whatever the option
+        assert all(isinstance(p, DTensor) for p in unit.parameters()), type(unit).__name__
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

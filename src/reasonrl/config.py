@@ -315,6 +315,29 @@ class AlgorithmConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Options of `train.sharding=fsdp` under a multi-process launch (docs/scale-out.md); one process has nothing to
+    shard and ignores them."""
+
+    reshard_after_forward: bool = _opt(
+        True,
+        "free each FSDP unit's gathered weights after its forward and gather them again for the backward; false keeps "
+        "them from the forward to the backward (one all-gather fewer per unit and pass, the full weights held between; "
+        "the reference model always frees them)",
+    )
+    cpu_offload: bool = _opt(
+        False,
+        "keep the parameter, gradient and AdamW shards (and the reference model's) in CPU memory and step AdamW on the "
+        "CPU (FSDP2's CPUOffloadPolicy); CPU processes hold them there anyway",
+    )
+    activation_checkpointing: bool = _opt(
+        False,
+        "recompute each decoder layer's activations in the backward pass (torch's checkpoint wrapper inside each FSDP "
+        "unit; less memory, one more forward); replaces train.gradient_checkpointing under sharding",
+    )
+
+
+@dataclass
 class TrainConfig:
     steps: int = _opt(60, "RL steps", ge=0)
     max_seconds: float | None = _opt(
@@ -373,6 +396,7 @@ class TrainConfig:
         "AdamW state sharded over the processes, whole weights gathered for sampling; docs/scale-out.md). One "
         "process trains unsharded",
     )
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
         for name in self.report_to:

@@ -69,5 +69,6 @@ def completion_logits(
         attention_mask=attention,
         position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
         logits_to_keep=T + 1,
+        use_cache=False,  # a loss pass reads no cache; a recomputed (checkpointed) layer would append to it again
     )
     return out.logits[:, :-1]

@@ -59,8 +59,9 @@ def save_checkpoint(
 ) -> Path:
     """`rng`: the RNG state of every process, in rank order (default: this process's). `weights` /
     `optimizer_state`: the full states gathered from a sharded model (default: the model's and optimiser's own);
-    a sharded run's optimiser state is keyed by parameter name, marked `optimizer_format: fqn`. `config_yaml`: the
-    run's config, kept as `run_config.yaml` so that a resume can tell an edited `config.yaml`.
+    a `train.sharding=fsdp` run's optimiser state is keyed by parameter name (whatever its process count), marked
+    `optimizer_format: fqn`, so that any process count resumes it. `config_yaml`: the run's config, kept as
+    `run_config.yaml` so that a resume can tell an edited `config.yaml`.
 
     A write that fails (a full disk) removes its partial checkpoint and raises a UserError; the previous checkpoint
     is untouched."""
@@ -198,10 +199,9 @@ def load_checkpoint(
 
     sharded = is_sharded(model)
     blob = _load_training_state(path / "training_state.pt")
-    if sharded != (blob.get("optimizer_format") == "fqn"):
-        how = "unsharded: resume it with train.sharding=none" if sharded else "sharded: resume it with "
-        how = how if sharded else how + "train.sharding=fsdp on 2 or more processes"
-        raise UserError(f"checkpoint {path} was written {how}")
+    by_name = blob.get("optimizer_format") == "fqn"
+    if sharded and not by_name:  # AdamW's state keyed by position: only the model it was written from reads it
+        raise UserError(f"checkpoint {path} was written with train.sharding=none: resume it with train.sharding=none")
     try:
         if sharded:  # every process reads the full weights and keeps its shard (any process count)
             from reasonrl.training.fsdp import load_model_state
@@ -233,7 +233,7 @@ def load_checkpoint(
             f"checkpoint {path} cannot be loaded into this run's model ({detail}); was the run's config.yaml "
             "edited (restore it), or is the checkpoint damaged (delete it to resume from an earlier one)?"
         ) from None
-    if sharded:
+    if by_name:  # any process count, sharded or not: each process keeps its shard of the full state
         from reasonrl.training.fsdp import load_optimizer_state
 
         load_optimizer_state(model, optimizer, blob["optimizer"])

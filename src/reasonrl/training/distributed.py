@@ -123,13 +123,21 @@ class Processes:
             del model._original_forward
         return wrapped, optimizer
 
-    def shard_model(self, model: Any, compute_dtype: torch.dtype | None) -> Any:
-        """`model` sharded in place under `train.sharding=fsdp` (before its optimiser exists), else as it is."""
+    def shard_model(self, model: Any, compute_dtype: torch.dtype | None, options: Any, trained: bool = True) -> Any:
+        """`model` sharded in place under `train.sharding=fsdp` (before its optimiser exists), else as it is.
+        `options`: `train.fsdp`; a model that is not `trained` (the reference) runs no backward, so it frees its
+        gathered weights after every forward, and needs no activation checkpoints."""
         if not self.sharded:
             return model
         from reasonrl.training.fsdp import shard
 
-        return shard(model, compute_dtype)
+        return shard(
+            model,
+            compute_dtype,
+            reshard_after_forward=options.reshard_after_forward or not trained,
+            cpu_offload=options.cpu_offload,
+            activation_checkpointing=options.activation_checkpointing and trained,
+        )
 
     def full_weights(self, model: Any) -> Any:
         """A window with the whole weights on every process (sampling, evaluation); a no-op unless sharded."""
@@ -154,7 +162,7 @@ class Processes:
         the wrapped model, which every process runs once per optimiser step whatever its own micro-batch count."""
         if self.world == 1 or self.sharded:  # FSDP reduces at every backward
             return
-        logits = model(input_ids=dummy_ids).logits
+        logits = model(input_ids=dummy_ids, use_cache=False).logits
         self.backward(logits.float().sum() * 0.0)
 
     def dummy_passes(self, model: Any, dummy_ids: torch.Tensor, count: int, grad: bool) -> None:
@@ -162,7 +170,7 @@ class Processes:
         all-gathers (and, with `grad`, reduce-scatters) under FSDP."""
         for _ in range(count):
             with torch.set_grad_enabled(grad):
-                logits = model(input_ids=dummy_ids).logits
+                logits = model(input_ids=dummy_ids, use_cache=False).logits
                 if grad:
                     self.backward(logits.float().sum() * 0.0)
 

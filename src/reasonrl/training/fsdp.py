@@ -28,23 +28,50 @@ def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names and m is not model]
 
 
-def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+def shard(
+    model: torch.nn.Module,
+    compute_dtype: torch.dtype | None,
+    *,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    activation_checkpointing: bool = False,
+) -> torch.nn.Module:
     """`fully_shard` every decoder layer, then the root, in place, over all processes of the launch.
 
     `compute_dtype`: the dtype the units gather and compute in when it is not the parameters' (bf16 over float32
-    master weights); gradients are reduced in float32."""
+    master weights); gradients are reduced in float32. The rest are `train.fsdp.*`: every unit, the root included,
+    frees its gathered weights after its forward or keeps them until its backward; the shards live in CPU memory
+    (`CPUOffloadPolicy`); each decoder layer is wrapped in torch's activation-checkpoint wrapper before it is
+    sharded, so that its recomputation runs inside the unit, on the weights its backward gathers."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     device = next(model.parameters()).device.type
     mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
-    kwargs: dict[str, Any] = {"mesh": mesh}
+    offload = CPUOffloadPolicy(pin_memory=device == "cuda") if cpu_offload else OffloadPolicy()
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": offload}
     if compute_dtype is not None and compute_dtype != next(model.parameters()).dtype:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for unit in fsdp_units(model):
+    units = fsdp_units(model)
+    if activation_checkpointing:
+        units = [_checkpointed(model, unit) for unit in units]
+    for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
+    model._reasonrl_reshard_after_forward = reshard_after_forward  # what `full_weights` restores
     return model
+
+
+def _checkpointed(model: torch.nn.Module, layer: torch.nn.Module) -> torch.nn.Module:
+    """`layer` replaced in its parent by torch's non-reentrant checkpoint wrapper of it (attributes pass through the
+    wrapper, and state-dict keys keep the layer's names)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    name = next(n for n, m in model.named_modules() if m is layer)
+    parent_name, _, child = name.rpartition(".")
+    wrapped = checkpoint_wrapper(layer)
+    model.get_submodule(parent_name).register_module(child, wrapped)
+    return wrapped
 
 
 def is_sharded(model: Any) -> bool:
@@ -73,9 +100,10 @@ def full_weights(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
+        after = getattr(model, "_reasonrl_reshard_after_forward", True)  # train.fsdp.reshard_after_forward
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(after, recurse=False)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

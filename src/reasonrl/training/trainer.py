@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from reasonrl import algorithms
-from reasonrl.config import Config
+from reasonrl.config import Config, FSDPConfig
 from reasonrl.data.problems import Problem, conversations, reward_columns
 from reasonrl.data.prompts import PromptFormat, check_prompts, encode_prompt, prompt_ids
 from reasonrl.data.sources import load_training_data
@@ -118,9 +118,9 @@ class Trainer:
                 ref_model.to("cpu")
         # train.sharding=fsdp: the policy and the reference model sharded alike, before the optimiser exists
         precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(cfg))
-        procs.shard_model(self.model, precision)
+        procs.shard_model(self.model, precision, t.fsdp)
         if ref_model is not None:
-            procs.shard_model(ref_model, precision)
+            procs.shard_model(ref_model, precision, t.fsdp, trained=False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # the fused kernel (one per parameter instead of a dozen ops) where torch has it: same update to float rounding
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
@@ -603,7 +603,9 @@ class Trainer:
         Process 0 writes it, with every process's RNG state; the others wait until it is in place."""
         rng = self.procs.gather([rng_state()])
         weights, optimizer_state = self._full_state(), None
-        if self.procs.sharded:  # AdamW's shards gathered, keyed by parameter name (any process count resumes it)
+        # train.sharding=fsdp: AdamW's state (its shards gathered) keyed by parameter name, also on one process, so
+        # that any process count resumes it
+        if self.cfg.train.sharding == "fsdp":
             from reasonrl.training.fsdp import optimizer_state as gather_optimizer_state
 
             optimizer_state = gather_optimizer_state(self.model, self.optimizer)
@@ -663,11 +665,27 @@ class Trainer:
 def _check_sharding(cfg: Config) -> None:
     """What `train.sharding=fsdp` does not combine with, refused before any model work."""
     if cfg.train.sharding != "fsdp":
+        changed = [k for k, v in dataclasses.asdict(cfg.train.fsdp).items() if v != getattr(FSDPConfig(), k)]
+        if changed:
+            raise UserError(f"train.fsdp.{changed[0]} applies only with train.sharding=fsdp: set that, or drop it")
         return
     for bad, why in (
         (cfg.lora.enabled, "lora.enabled=true (LoRA trains few parameters: use DDP)"),
-        (cfg.rollout.engine == "vllm", "rollout.engine=vllm (sampling runs the gathered policy: use fast or hf)"),
-        (cfg.train.ref_offload, "train.ref_offload=true (the reference model is sharded instead)"),
+        (
+            cfg.rollout.engine == "vllm",
+            "rollout.engine=vllm (the weight sync from the shards into vLLM is not "
+            "built; sampling runs the gathered policy: use rollout.engine=fast or hf)",
+        ),
+        (
+            cfg.train.ref_offload,
+            "train.ref_offload=true (the reference model is sharded instead; "
+            "train.fsdp.cpu_offload=true keeps its shards on the CPU)",
+        ),
+        (
+            cfg.train.gradient_checkpointing and cfg.train.fsdp.activation_checkpointing,
+            "both train.gradient_checkpointing and train.fsdp.activation_checkpointing (each recomputes every decoder "
+            "layer: keep train.fsdp.activation_checkpointing)",
+        ),
         (mixed_precision(cfg) == "fp16", "fp16 compute (no loss scaling for sharded gradients: use bfloat16)"),
     ):
         if bad:
