@@ -481,13 +481,17 @@ class Trainer:
         return out
 
     def _prompt_ids(
-        self, texts: list[str], histories: list[tuple[dict[str, str], ...]], batch: Batch | None = None
+        self,
+        texts: list[str],
+        histories: list[tuple[dict[str, str], ...]] | None = None,
+        batch: Batch | None = None,
     ) -> list[list[int]]:
-        """Token ids of each prompt text after its conversation's earlier turns (chat template applied); repeated
-        prompts are tokenised once. Prompts cut to `data.max_prompt_length` are counted in `batch`."""
+        """Token ids of each prompt text after its conversation's earlier turns (none by default; chat template
+        applied); repeated prompts are tokenised once. Prompts cut to `data.max_prompt_length` are counted in
+        `batch`."""
         cache: dict[tuple[str, str], tuple[list[int], int]] = {}
         out = []
-        for t, h in zip(texts, histories, strict=True):
+        for t, h in zip(texts, histories or [()] * len(texts), strict=True):
             key = (t, repr(h))
             if key not in cache:
                 cache[key] = encode_prompt(self.tokenizer, t, self.prompt_format, h)
