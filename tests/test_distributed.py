@@ -230,7 +230,7 @@ def test_a_sharded_run_logs_what_ddp_logs_and_resumes_exactly(tiny_overrides, tm
     assert [r["step"] for r in _records(killed)] == [0, 1, 2]  # killed inside step 3
     single = tmp_path / "single"
     shutil.copytree(killed, single)
-    _run([*LAUNCH_2, "-m", "reasonrl", "train", "--resume", str(killed)])
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", "--resume", str(killed), dense[0]])
     resumed = _records(killed)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 3]
     _assert_same_metrics(b, resumed, rel=1e-6)  # steps 1-2 before the kill, 3 and the final eval after it
