@@ -220,7 +220,28 @@ def test_manifest_labels_and_config_split(tmp_path: Path) -> None:
     warnings: list[str] = []
     html = build_report([other / "runs" / "grpo-seed0", other / "runs2" / "grpo-seed1"], warn=warnings.append)
     labels = list(rows_by_label(Tables(html.read_text()).tables[0]))
-    assert labels == ["grpo (lr=null)", "grpo (lr=0.1)"] and any("differ in train.lr" in w for w in warnings)
+    assert labels == ["grpo (lr=3e-05)", "grpo (lr=0.1)"] and any("differ in train.lr" in w for w in warnings)
+
+
+def test_keys_a_run_predates_take_their_defaults(tmp_path: Path) -> None:
+    """A run whose config.yaml lacks a key (written before the key existed) did what its default says: it is a seed
+    of the same configuration as a run that states the default, not a configuration of its own."""
+    from reasonrl.config import Config
+
+    cmp = tmp_path / "cmp"
+    write_run(cmp / "runs" / "grpo-seed0", **RUNS["grpo-seed0"])
+    write_run(cmp / "runs" / "grpo-seed1", **RUNS["grpo-seed1"])
+    path = cmp / "runs" / "grpo-seed1" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg.setdefault("rewards", {})["completion_format"] = Config().rewards.completion_format  # stated, at its default
+    path.write_text(yaml.safe_dump(cfg))
+    warnings: list[str] = []
+    text = build_report([cmp], warn=warnings.append).read_text()
+    assert list(rows_by_label(Tables(text).tables[0])) == ["grpo"] and not any("differ" in w for w in warnings)
+    cfg["rewards"]["completion_format"] = "messages"  # not the default: now they differ
+    path.write_text(yaml.safe_dump(cfg))
+    text = build_report([cmp], warn=warnings.append).read_text()
+    assert len(rows_by_label(Tables(text).tables[0])) == 2 and any("rewards.completion_format" in w for w in warnings)
 
 
 def test_bad_inputs(tmp_path: Path) -> None:

@@ -239,7 +239,8 @@ def load_run(path: Path, hint: dict[str, Any], warn: Warn = _stderr_warn) -> Run
         except yaml.YAMLError as e:
             warn(f"{path}/config.yaml unreadable ({e}); its config is left out")
             raw = None
-        config = _flatten(raw) if isinstance(raw, dict) else {}
+        # keys a run's config lacks (it predates them) take their defaults, which is what that run did
+        config = {**_defaults(), **_flatten(raw)} if isinstance(raw, dict) else {}
     if hint.get("status") not in (None, "done"):
         warn(f"{path} is '{hint['status']}' in compare.json: its curves may stop early")
     elif _unfinished(config, steps):
@@ -297,6 +298,12 @@ def group_runs(runs: list[Run], warn: Warn = _stderr_warn) -> list[Group]:
 
 def _by_seed(runs: list[Run]) -> list[Run]:
     return sorted(runs, key=lambda r: (str(type(r.seed)), r.seed if r.seed is not None else 0, str(r.path)))
+
+
+def _defaults() -> dict[str, Any]:
+    from reasonrl.config import Config
+
+    return _flatten(Config().to_dict())
 
 
 def _differing(configs: list[dict[str, Any]]) -> list[str]:
