@@ -203,3 +203,27 @@ def test_bad_overrides_fail_at_once_naming_the_label(common, tmp_path, args, exp
     res = subprocess.run(compare(tmp_path / "cmp", *args, common=common), capture_output=True, text=True)
     assert res.returncode == 2 and expected in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_comment_edited_in_the_config_file_keeps_the_comparison(tmp_path):
+    """The manifest pins the config file's settings, not its bytes: an edited comment continues the comparison, an
+    edited setting is refused; a manifest that pinned the bytes (older versions) is accepted while they are the same."""
+    import hashlib
+
+    from reasonrl.tools.compare import make_plan, open_manifest
+
+    config = tmp_path / "run.yaml"
+    config.write_text("# a recipe\ntrain:\n  lr: 1.0e-5\n")
+    out = tmp_path / "cmp"
+    plan = lambda: make_plan(["a=algorithm.advantage=grpo"], [0], steps=1, out=out, config=str(config))  # noqa: E731
+    out.mkdir()
+    (out / "compare.json").write_text(json.dumps(open_manifest(plan())))
+    config.write_text("# a recipe, its comment reworded\ntrain: {lr: 1.0e-5}\n")
+    assert open_manifest(plan())["labels"] == {"a": ["algorithm.advantage=grpo"]}
+    config.write_text("train:\n  lr: 2.0e-5\n")
+    with pytest.raises(UserError, match="its config file contents differ"):
+        open_manifest(plan())
+    legacy = json.loads((out / "compare.json").read_text())
+    legacy["config_sha256"] = hashlib.sha256(config.read_bytes()).hexdigest()
+    (out / "compare.json").write_text(json.dumps(legacy))
+    assert open_manifest(plan())["config_sha256"] == plan().config_digest()

@@ -143,10 +143,21 @@ class Plan:
         return [*self.defaults, *self.common, *self.labels[label], *budget, *own]
 
     def identity(self) -> dict[str, Any]:
-        """What must not change between invocations on one DIR (seeds may grow)."""
-        sha = hashlib.sha256(Path(self.config).read_bytes()).hexdigest() if self.config else None
-        return {"config": self.config, "config_sha256": sha, "labels": self.labels, "common": self.common,
-                "budget": self.budget}  # fmt: skip
+        """What must not change between invocations on one DIR (seeds may grow): the config file's settings (not its
+        comments or layout), labels, common overrides, budget."""
+        return {"config": self.config, "config_sha256": self.config_digest(), "labels": self.labels,
+                "common": self.common, "budget": self.budget}  # fmt: skip
+
+    def config_digest(self, *, raw: bool = False) -> str | None:
+        """sha256 of the config file's parsed settings (`raw`: of its bytes, as manifests before this one held)."""
+        if not self.config:
+            return None
+        data = Path(self.config).read_bytes()
+        if not raw:
+            import yaml
+
+            data = json.dumps(yaml.safe_load(data), sort_keys=True, default=str).encode()
+        return hashlib.sha256(data).hexdigest()
 
 
 def make_plan(
@@ -236,6 +247,8 @@ def open_manifest(plan: Plan) -> dict[str, Any]:
         except json.JSONDecodeError:
             raise UserError(f"{path} is not a readable compare manifest; use another --out") from None
         old = {k: manifest.get(k) for k in ident}
+        if old["config_sha256"] == plan.config_digest(raw=True):  # an older manifest: the file's bytes, unchanged
+            old["config_sha256"] = manifest["config_sha256"] = ident["config_sha256"]
         if old != ident:
             what = ", ".join(k.replace("_sha256", " file contents") for k in ident if old[k] != ident[k])
             raise UserError(
