@@ -13,12 +13,14 @@ from safetensors.torch import load_file
 from reasonrl.cli import main
 from reasonrl.demo.warmstart import cache_root
 
+DENSE = "rewards.functions=[math_answer, 'conftest:length_reward']"
+
 
 def _run(tiny_overrides: list[str], *extra: str) -> Path:
     # a dense reward: the untrained tiny model gets gradients
     args = [
         *tiny_overrides, "lora.enabled=true", "lora.r=4", "train.save_every=1", "train.run_name=lora",
-        "rewards.functions=[math_answer, 'conftest:length_reward']", "rewards.weights=[1, 1]", *extra,
+        DENSE, "rewards.weights=[1, 1]", *extra,
     ]  # fmt: skip
     assert main(["train", *args]) == 0
     return Path(next(a.split("=", 1)[1] for a in tiny_overrides if a.startswith("train.output_dir="))) / "lora"
@@ -67,7 +69,7 @@ def test_lora_resumes_from_its_adapter_checkpoint(tiny_overrides, tmp_path):
     run = _run(tiny_overrides, "train.keep_checkpoints=3")
     before = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     (run / "checkpoints" / "latest").write_text("step-000001")
-    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", "--resume", str(run), DENSE]) == 0  # a user reward: repeated to be allowed
     after = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in after] == [r["step"] for r in before]
     assert after[2]["loss"] == pytest.approx(before[2]["loss"], abs=1e-7)

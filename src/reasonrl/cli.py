@@ -435,10 +435,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for s in sets:
         check_prompts(
             tokenizer,
-            [(p.id, p.prompt) for p in s.problems],
+            s.problems,
             PromptFormat.from_config(cfg.data),
             max_new_tokens=cfg.rollout.max_new_tokens,
-            max_positions=getattr(model.config, "max_position_embeddings", None),
+            max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
             label=s.label,
         )
     reflect = [None] * len(sets)

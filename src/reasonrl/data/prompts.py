@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from reasonrl.data.problems import Problem
 from reasonrl.errors import UserError
 
 
@@ -70,17 +71,18 @@ def encode_prompt(
 
 def check_prompts(
     tokenizer: Any,
-    prompts: list[tuple[str, str]],
+    problems: Sequence[Problem],
     fmt: PromptFormat,
     *,
     max_new_tokens: int,
     max_positions: int | None,
     label: str,
 ) -> None:
-    """Checks of (problem id, prompt) pairs before any rollout. A prompt that with `max_new_tokens` does not fit the
-    model's `max_positions` is refused, naming the problem (sampling it would allocate memory quadratic in its
-    length); characters the tokenizer cannot represent (they become its unknown token) are warned about, counted."""
-    from reasonrl.errors import UserError
+    """Checks of the problems' prompts (every turn of a conversation) before any rollout. A prompt that with
+    `max_new_tokens` does not fit the model's `max_positions` is refused, naming the problem (sampling it would
+    allocate memory quadratic in its length); characters the tokenizer cannot represent (they become its unknown
+    token) are warned about, counted."""
+    prompts = [(p.id, "\n".join(m["content"] for m in p.conversation())) for p in problems]
 
     if max_positions is not None and prompts:
         limit = max_positions - max_new_tokens

@@ -202,7 +202,7 @@ class Trainer:
         for problems, label in sets:
             check_prompts(
                 self.tokenizer,
-                [(p.id, "\n".join(m["content"] for m in p.conversation())) for p in problems],  # history too
+                problems,
                 self.prompt_format,
                 max_new_tokens=self.cfg.rollout.max_new_tokens,
                 max_positions=positions,
