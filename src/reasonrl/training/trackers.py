@@ -60,7 +60,9 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class _Wandb:
+class _LogFinish:
+    """A tracker whose run object has `log(metrics, step=)` and `finish()`: a W&B run, the trackio module."""
+
     def __init__(self, run: Any) -> None:
         self.run = run
 
@@ -77,7 +79,7 @@ def _open_wandb(wandb: Any, run_dir: Path, config: dict[str, Any], run_id: str |
         project=os.environ.get("WANDB_PROJECT", PROJECT), name=run_dir.name, id=run_id, dir=str(run_dir),
         config=config, resume="allow",
     )  # fmt: skip
-    return _Wandb(run), run_id
+    return _LogFinish(run), run_id
 
 
 class _Mlflow:
@@ -106,24 +108,13 @@ def _open_mlflow(mlflow: Any, run_dir: Path, config: dict[str, Any], run_id: str
     return _Mlflow(mlflow, run.info.run_id), run.info.run_id
 
 
-class _Trackio:
-    def __init__(self, trackio: Any) -> None:
-        self.trackio = trackio
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.trackio.log(_numbers(metrics), step=step)
-
-    def close(self) -> None:
-        self.trackio.finish()
-
-
 def _open_trackio(trackio: Any, run_dir: Path, config: dict[str, Any], run_id: str | None) -> tuple[Tracker, str]:
     name = run_id or run_dir.name
     trackio.init(
         project=PROJECT, name=name, config=config, resume="allow" if run_id else "never", embed=False,
         auto_log_cpu=False, auto_log_gpu=False,  # the run's own metrics only
     )  # fmt: skip
-    return _Trackio(trackio), name
+    return _LogFinish(trackio), name
 
 
 _OPEN = {"wandb": _open_wandb, "mlflow": _open_mlflow, "trackio": _open_trackio}
