@@ -129,8 +129,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         named = root / pointer.read_text().strip()
         if checkpoint_problem(named) is None:
             return named
-    steps = sorted((p for p in root.glob("step-*") if not p.name.endswith(".tmp")), reverse=True)
-    return next((p for p in steps if checkpoint_problem(p) is None), None)
+    return next((p for p in reversed(_step_dirs(root)) if checkpoint_problem(p) is None), None)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The `step-*` checkpoint directories under `root`, oldest first (unfinished `.tmp` writes aside)."""
+    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -169,9 +173,8 @@ def _safetensors_problem(file: Path) -> str | None:
 
 
 def damaged_checkpoints(run_dir: Path) -> list[str]:
-    """'step-N: why' for every checkpoint directory of `run_dir` that is not complete (unfinished `.tmp` writes
-    aside)."""
-    steps = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+    """'step-N: why' for every checkpoint directory of `run_dir` that is not complete."""
+    steps = _step_dirs(run_dir / "checkpoints")
     return [f"{p.name}: {why}" for p in steps if (why := checkpoint_problem(p)) is not None]
 
 
