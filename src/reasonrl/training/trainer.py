@@ -543,7 +543,9 @@ class Trainer:
                 self.log(0, before)
                 summary["eval_before"] = before
             elif self.procs.is_main:
-                summary["eval_before"] = next((m for m in read_metrics(self.run_dir) if "eval/reward" in m), {})
+                summary["eval_before"] = next(  # eval/reward is absent from runs that predate it
+                    (m for m in read_metrics(self.run_dir) if "eval/reward" in m or "eval/accuracy" in m), {}
+                )
             task = progress.add_task("RL", total=t.steps, completed=self.global_step, status="") if progress else None
             while self.stop_reason() is None:
                 metrics = self.step()
