@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,7 @@ def test_wandb_offline_writes_the_run_and_resumes_its_id(tmp_path, monkeypatch):
     run_dir.mkdir()
     _log(["wandb"], run_dir, RECORDS[:1])
     first = json.loads((run_dir / "trackers.json").read_text())["wandb"]
+    time.sleep(1.1)  # W&B names an offline run's folder by the second it starts: two in one second would share it
     _log(["wandb"], run_dir, RECORDS[1:], resume=True)
     assert json.loads((run_dir / "trackers.json").read_text())["wandb"] == first
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{first}"))
