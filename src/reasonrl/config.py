@@ -689,18 +689,19 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
 
 def config_diff(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ (used to enforce the same config on resume)."""
-    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
     return [k for k in fa if fa[k] != fb.get(k)]
 
 
 _DICT_VALUES = ("data.columns", "data.reasoning_gym.config", "data.chat_template_kwargs")  # values, not sections
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config as a dict (`Config.to_dict()`) keyed by dotted option names; mapping-valued options stay values."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict) and f"{prefix}{k}" not in _DICT_VALUES:
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

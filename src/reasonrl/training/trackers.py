@@ -17,6 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Protocol
 
+from reasonrl.config import flatten
 from reasonrl.errors import UserError
 
 TRACKERS = ("wandb", "mlflow", "trackio")
@@ -48,16 +49,6 @@ def open_trackers(names: list[str], run_dir: Path, config: dict[str, Any], resum
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class _LogFinish:
@@ -102,7 +93,7 @@ def _open_mlflow(mlflow: Any, run_dir: Path, config: dict[str, Any], run_id: str
     if run_id is None:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT))
         run = mlflow.start_run(run_name=run_dir.name)
-        mlflow.log_params({k: str(v)[:500] for k, v in _flat(config).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
     else:
         run = mlflow.start_run(run_id=run_id)
     return _Mlflow(mlflow, run.info.run_id), run.info.run_id
