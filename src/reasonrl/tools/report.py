@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import html
 import io
 import itertools
@@ -300,7 +301,9 @@ def _by_seed(runs: list[Run]) -> list[Run]:
     return sorted(runs, key=lambda r: (str(type(r.seed)), r.seed if r.seed is not None else 0, str(r.path)))
 
 
+@functools.cache
 def _defaults() -> dict[str, Any]:
+    """The default config, flattened once (callers copy it)."""
     from reasonrl.config import Config
 
     return _flatten(Config().to_dict())
