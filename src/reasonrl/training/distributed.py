@@ -162,8 +162,7 @@ class Processes:
         the wrapped model, which every process runs once per optimiser step whatever its own micro-batch count."""
         if self.world == 1 or self.sharded:  # FSDP reduces at every backward
             return
-        logits = model(input_ids=dummy_ids, use_cache=False).logits
-        self.backward(logits.float().sum() * 0.0)
+        self.dummy_passes(model, dummy_ids, 1, grad=True)
 
     def dummy_passes(self, model: Any, dummy_ids: torch.Tensor, count: int, grad: bool) -> None:
         """`count` passes whose loss is zero: a process with fewer micro-batches than the others joins their
