@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the noise's")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="Seems like `optimizer.step()` has been overridden")
+    warnings.filterwarnings("ignore", message="Seems like `optimizer.step")  # the wrapped step
     root = Path(tempfile.mkdtemp(prefix="bf16-masters-"))
     full, g32, t32, sizes = run(root, "float32")
 
