@@ -59,6 +59,7 @@ def main(out: str, run_dir: str, *overrides: str) -> None:
         _check_gathered(trainer, gathered=False)
         _check_fsdp_options(trainer)
         params = {k: _full(v) for k, v in named}  # every process: gathering a shard is collective
+        _check_engine_weights(trainer, params)
         if trainer.procs.is_main:
             torch.save({"params": params, "grads": grads, "metrics": metrics, "world": trainer.procs.world}, out)
     finally:
@@ -123,6 +124,25 @@ def _check_fsdp_options(trainer: Trainer) -> None:
     assert len(calls) == (2 if options.activation_checkpointing else 1), len(calls)
     for unit in units:  # the backward frees every gathered weight, whatever the option
         assert all(isinstance(p, DTensor) for p in unit.parameters()), type(unit).__name__
+
+
+def _check_engine_weights(trainer: Trainer, params: dict[str, torch.Tensor]) -> None:
+    """Sharded runs: what `rollout.engine=vllm`'s weight sync hands vLLM after a step (`engine_weights`, consumed by
+    every process): each entry of the unsharded model's state dict, in its order and under its name (no checkpoint
+    wrapper in it), as a whole plain tensor in vLLM's dtype (bf16 here) equal to the updated weights cast to it."""
+    if not trainer.procs.sharded:
+        return
+    from transformers import AutoModelForCausalLM
+
+    from reasonrl.rollout.vllm import engine_weights
+
+    whole = AutoModelForCausalLM.from_config(trainer.model.config).state_dict()
+    pairs = list(engine_weights(trainer.model, torch.bfloat16))
+    assert [name for name, _ in pairs] == list(whole), [name for name, _ in pairs]
+    for name, tensor in pairs:
+        expected = params[name if name in params else "model.embed_tokens.weight"]  # the tied head
+        assert type(tensor) is torch.Tensor and tensor.shape == whole[name].shape, (name, type(tensor).__name__)
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected.to(torch.bfloat16)), name
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -308,7 +308,7 @@ def _launch_and_kill_after_checkpoint(cmd: list[str], run: Path) -> None:
 @pytest.mark.parametrize(
     ("option", "named"),
     [
-        ("lora.enabled=true", "lora"), ("rollout.engine=vllm", "vllm"), ("train.ref_offload=true", "ref_offload"),
+        ("lora.enabled=true", "lora"), ("train.ref_offload=true", "ref_offload"),
         ("train.gradient_checkpointing=true train.fsdp.activation_checkpointing=true", "gradient_checkpointing"),
     ],
 )  # fmt: skip

@@ -148,3 +148,33 @@ def test_resume_syncs_the_checkpoint_weights_and_eval_by_name_closes_its_engine(
         assert 0 <= res["accuracy"] <= 1
     finally:
         resumed.close()
+
+
+@pytest.mark.parametrize(("options", "dtype"), [
+    ([], torch.float32),  # model.dtype=auto: float32 on a CPU
+    (["model.dtype=bfloat16"], torch.bfloat16),  # bf16 compute: vLLM in bf16, not in the float32 master weights'
+    (["model.dtype=bfloat16", "rollout.vllm.dtype=float32"], torch.float32),
+])  # fmt: skip
+def test_vllm_samples_in_the_compute_dtype_and_syncs_weights_in_it(tiny_overrides, tmp_path, options, dtype):
+    """`rollout.vllm.dtype=auto` is `model.dtype` (the loss passes' compute dtype), whatever the parameters' dtype; the
+    weight sync hands vLLM the float32 master weights cast to its dtype: its log-probs follow them to that precision
+    (perturbed weights, whose log-probs vLLM misses by up to 15 before the sync)."""
+    trainer = Trainer(load_config(None, [*tiny_overrides, *VLLM, *options, "warmstart.steps=0"]), tmp_path / "run")
+    try:
+        assert trainer.model.dtype == torch.float32  # train.master_weights=fp32
+        assert trainer.engine.dtype == dtype and trainer.engine.llm.llm_engine.model_config.dtype == dtype
+        engine, model, pad = trainer.engine, trainer.model, trainer.tokenizer.pad_token_id
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, len(trainer.tokenizer), (20,), generator=gen).tolist()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        completion = engine.generate([prompt], 1, SamplingParams(max_new_tokens=8, temperature=1.0))[0].token_ids
+        stale = (vllm_logprobs(engine, prompt, completion) - trainer_logprobs(model, prompt, completion, pad)).abs()
+        trainer.sync_weights()
+        synced = (vllm_logprobs(engine, prompt, completion) - trainer_logprobs(model, prompt, completion, pad)).abs()
+        assert float(stale.max()) > 1.0  # the perturbation moved the log-probs by more than 1 (measured: 15)
+        # float32: exact to kernel rounding; bf16 (vLLM's kernels on bf16 weights): measured 0.3 against 15
+        assert float(synced.max()) < (1e-4 if dtype == torch.float32 else float(stale.max()) / 20)
+    finally:
+        trainer.close()

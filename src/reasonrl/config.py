@@ -149,7 +149,7 @@ class VLLMConfig:
     tensor_parallel_size: int = _opt(1, "GPUs one vLLM instance spans (1 in colocated mode on a CPU)", ge=1)
     enforce_eager: bool = _opt(True, "no CUDA graphs (faster start, slower decode); CPU builds need true")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
-        "auto", "vLLM's compute dtype; auto = the policy's dtype"
+        "auto", "vLLM's compute dtype; auto = model.dtype (bf16 on a GPU), not the float32 master weights'"
     )
     sleep: bool = _opt(False, "GPU: free vLLM's memory while the trainer updates (sleep mode); no effect on a CPU")
 

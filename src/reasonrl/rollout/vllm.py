@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ class VLLMEngine:
         self.model_dir = Path(tempfile.mkdtemp(prefix="reasonrl-vllm-"))
         model.save_pretrained(self.model_dir)
         dtype = options.dtype if options.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.dtype = getattr(torch, dtype)
         # several training processes: each starts its own instance inside the existing process group (TRL's colocate
         # mode); untested here, as no GPU has been lent to this project
         # (a launch sets WORLD_SIZE; vLLM itself initialises torch.distributed in-process, so that cannot tell)
@@ -155,10 +157,10 @@ class VLLMEngine:
         return out
 
     def load_weights(self, model: torch.nn.Module) -> None:
-        """Push the trainer's weights into vLLM (in place, by reference), then drop every cached prefix."""
+        """Push the trainer's weights into vLLM (in place, one tensor at a time), then drop every cached prefix.
+        Under `train.sharding=fsdp` every process calls it: each tensor is gathered from the shards collectively."""
         self.wake_up()
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": engine_weights(model, self.dtype)})
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
@@ -175,3 +177,15 @@ class VLLMEngine:
     def close(self) -> None:
         self.llm = None
         shutil.rmtree(self.model_dir, ignore_errors=True)
+
+
+def engine_weights(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's state dict as (name, tensor) pairs in vLLM's dtype, made one at a time as vLLM's loader asks for
+    them. Under `train.sharding=fsdp` each entry is a shard (a DTensor): it is cast, then gathered, so that besides
+    the shards only one whole tensor exists at a time, and only in vLLM's dtype. Gathering is collective: every
+    process iterates the whole state dict, in the same order."""
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to(dtype)
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard
+            tensor = tensor.full_tensor()
+        yield name, tensor

@@ -12,6 +12,7 @@ evaluates, logs, checkpoints and writes the LANPO pool, from records gathered fr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -110,6 +111,9 @@ class Trainer:
             raise UserError("rollout.engine=vllm under a multi-process launch needs one GPU per process; on a CPU "
                             "train with one process (or rollout.engine=fast)")  # fmt: skip
         rollout = cfg.rollout if procs.world == 1 else dataclasses.replace(cfg.rollout, workers=1)  # processes
+        if rollout.vllm.dtype == "auto":  # vLLM samples in the compute dtype, not in the float32 master weights'
+            vllm_dtype = str(compute_dtype(cfg, self.device)).removeprefix("torch.")
+            rollout = dataclasses.replace(rollout, vllm=dataclasses.replace(rollout.vllm, dtype=vllm_dtype))
         self.engine = engine_class(cfg.rollout.engine).from_config(self.model, self.tokenizer, rollout)  # share cores
         ref_model = None
         if a.beta > 0 and not cfg.lora.enabled:  # k3 KL against the policy before RL; LoRA: the adapter-free base
@@ -268,7 +272,7 @@ class Trainer:
         start = time.perf_counter()
         batch = Batch(step=self.global_step + 1, group_size=self.cfg.rollout.group_size)
         wanted = self.cfg.rollout.prompts_per_step
-        with self.procs.full_weights(self.model):  # sharded: every unit gathered once for the rollout, then resharded
+        with self.sampling_window():
             while batch.kept_groups < wanted:  # DAPO dynamic sampling repeats rounds until the batch is full
                 with timer.stage("prompts"):
                     rnd = self.build_prompts(batch, wanted - batch.kept_groups)
@@ -504,9 +508,16 @@ class Trainer:
 
     # ---- around the steps -------------------------------------------------------------------------------------
 
+    def sampling_window(self) -> Any:
+        """Sharded: every unit of the policy gathered for sampling, then sharded again, unless the engine samples
+        from its own copy of the weights (vLLM, synced after each step), which then never need gathering whole."""
+        if not self.engine.shares_policy_weights:
+            return contextlib.nullcontext()
+        return self.procs.full_weights(self.model)
+
     def evaluate(self) -> dict[str, float]:
         """Eval metrics (process 0 evaluates; the others wait and get its numbers)."""
-        with self.procs.full_weights(self.model):  # sharded: every process gathers, process 0 evaluates
+        with self.sampling_window():  # sharded: every process gathers, process 0 evaluates
             if not self.procs.is_main:
                 return self.procs.broadcast({})
             res = self._evaluate()
@@ -677,11 +688,6 @@ def _check_sharding(cfg: Config) -> None:
         return
     for bad, why in (
         (cfg.lora.enabled, "lora.enabled=true (LoRA trains few parameters: use DDP)"),
-        (
-            cfg.rollout.engine == "vllm",
-            "rollout.engine=vllm (the weight sync from the shards into vLLM is not "
-            "built; sampling runs the gathered policy: use rollout.engine=fast or hf)",
-        ),
         (
             cfg.train.ref_offload,
             "train.ref_offload=true (the reference model is sharded instead; "
