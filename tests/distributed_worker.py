@@ -27,10 +27,14 @@ def main(out: str, run_dir: str, *overrides: str) -> None:
         problems = trainer.stream.take(cfg.rollout.prompts_per_step)
         prompts = [trainer._prompt_ids([p.prompt])[0] for p in problems]
         torch.manual_seed(1234)  # the same global batch in every process
-        with trainer.procs.full_weights(trainer.model):  # train.sharding=fsdp: sampling needs the whole weights
+        with trainer.sampling_window():  # train.sharding=fsdp: sampling from the policy needs the whole weights
             _check_gathered(trainer, gathered=True)
             comps = trainer.engine.generate(prompts, G, SamplingParams(cfg.rollout.max_new_tokens, 1.0))
         _check_gathered(trainer, gathered=False)
+        trainer.engine.shares_policy_weights = False  # an engine with its own copy (vLLM): nothing to gather
+        with trainer.sampling_window():
+            _check_gathered(trainer, gathered=False)
+        del trainer.engine.shares_policy_weights
         # rewards from completion lengths: every group informative, some sequences with advantage 0
         rewards = torch.tensor([float(len(c.token_ids) % 3) for c in comps], dtype=torch.float64)
         group_ids = torch.arange(len(problems)).repeat_interleave(G)
