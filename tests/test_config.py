@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from reasonrl.config import Config, all_keys, config_diff, describe, load_config
@@ -117,3 +119,17 @@ def test_reward_functions_without_weights_weigh_one_each(tmp_path):
     assert load_config(path).rewards.weights is None
     cfg.save(tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml").rewards.weights == [0.5, 2.0]
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_its_header_says_how_to_launch_it(recipe):
+    """Each recipe is a valid config whose opening comment gives the command that runs it; a sharded recipe's command
+    starts several processes (on one process `train.sharding=fsdp` trains unsharded, which would not fit)."""
+    cfg = load_config(recipe)
+    header = "".join(line for line in recipe.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert f"--config recipes/{recipe.name}" in header
+    if cfg.train.sharding == "fsdp":
+        assert "--num_processes" in header and "Hardware:" in header
