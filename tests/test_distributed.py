@@ -203,7 +203,8 @@ def test_a_sharded_run_logs_what_ddp_logs_and_resumes_exactly(tiny_overrides, tm
     inside step 3, after its step-2 checkpoint; resumed on 2 processes (AdamW's state gathered by name, weights
     broadcast back into shards) it logs the uninterrupted run's step 3 and ends with bit-identical weights: the same
     process count restores every process's RNG, and one thread per process with gloo's fixed reduction order makes
-    the arithmetic deterministic. The same checkpoint also resumes on one process, with its exact state."""
+    the arithmetic deterministic. The same checkpoint also resumes on one process, with its exact state, and a
+    checkpoint one process wrote resumes on 2 (re-seeded: another process count cannot continue the RNG streams)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -256,12 +257,24 @@ def test_a_sharded_run_logs_what_ddp_logs_and_resumes_exactly(tiny_overrides, tm
         state = trainer.optimizer.state[params[name]]
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(state[key], blob["optimizer"]["state"][name][key]), (name, key)
+    trainer.checkpoint()  # the same state, written by one process
+    grow = tmp_path / "grow"
+    shutil.copytree(single, grow)
     trainer.train()
     again = _records(single)
     assert [r["step"] for r in again] == [0, 1, 2, 3, 3] and again[3]["grad_norm"] > 0
     written = torch.load(single / "checkpoints" / "step-000003" / "training_state.pt")
     assert written["optimizer_format"] == "fqn"  # a one-process fsdp checkpoint: 2 processes resume it alike
     AutoModelForCausalLM.from_pretrained(single / "model")
+    trainer.close()
+
+    # and back: 2 processes resume the checkpoint one process wrote (each keeps its shard of the same state)
+    assert len(torch.load(grow / "checkpoints" / "step-000002" / "training_state.pt")["rng"]) == 1
+    _run([*LAUNCH_2, "-m", "reasonrl", "train", "--resume", str(grow), dense[0]])
+    grown = _records(grow)
+    assert [r["step"] for r in grown] == [0, 1, 2, 3, 3] and grown[3]["grad_norm"] > 0
+    assert grown[:3] == again[:3]  # continued after step 2, not started again
+    AutoModelForCausalLM.from_pretrained(grow / "model")
 
 
 def _assert_same_metrics(a: list[dict], b: list[dict], rel: float) -> None:
