@@ -39,53 +39,60 @@ def dense(prompts: list[str], completions: list[str], **columns) -> list[float]:
     return [len(c) / 10 + sum(map(ord, c)) % 7 / 7 for c in completions]
 
 
-def run(
-    root: Path,
-    config: str | None,
-    overrides: list[str],
-    dtype: str,
-    *,
-    rollouts: list | None = None,
-    noise: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, list, list, list]:
-    """(the weights' change over the steps, each step's gradient as stepped, each step's rollouts, the parameters'
-    sizes). `rollouts`: another run's, replayed instead of sampling (the prompts are checked to be the same)."""
-    from reasonrl.config import load_config
-    from reasonrl.training.trainer import Trainer
+class Run:
+    """One 10-step run. Gradients are compared with `reference` (a float32 run's, kept per step and tensor) as they
+    come, so that only the float32 run's are held (a 135M model's ten steps take 5.4 GB); `noise`: per step and
+    tensor, the norm of the Gaussian noise added to that gradient before AdamW steps (drawn from `gen`)."""
 
-    out = Path(tempfile.mkdtemp(dir=root))
-    base = TINY if config is None else []
-    cfg = load_config(config, [*base, *COMMON, *overrides, f"model.dtype={dtype}", f"train.output_dir={out}",
-                               f"warmstart.cache_dir={root / 'cache'}"])  # fmt: skip
-    trainer = Trainer(cfg, out / "run", reward_funcs={"dense": dense})
-    params = list(trainer.model.parameters())
-    grads: list[torch.Tensor] = []
-    sampled: list = []
-    generate, step = trainer.generate, trainer.optimizer.step
+    def __init__(self, config: str | None, overrides: list[str], dtype: str, root: Path, *,
+                 rollouts: list | None = None, reference: list | None = None, noise: list | None = None,
+                 gen: torch.Generator | None = None) -> None:  # fmt: skip
+        from reasonrl.config import load_config
+        from reasonrl.training.trainer import Trainer
 
-    def sample_or_replay(rnd):
-        if rollouts is None:
-            generate(rnd)
-        else:
-            rnd.completions = copy.deepcopy(rollouts[len(sampled)])
-            assert [c.prompt_ids for c in rnd.completions] == rnd.prompt_ids, "another run's prompts"
-        sampled.append(copy.deepcopy(rnd.completions))
+        out = Path(tempfile.mkdtemp(dir=root))
+        base = TINY if config is None else []
+        cfg = load_config(config, [*base, *COMMON, *overrides, f"model.dtype={dtype}", f"train.output_dir={out}",
+                                   f"warmstart.cache_dir={root / 'cache'}"])  # fmt: skip
+        trainer = Trainer(cfg, out / "run", reward_funcs={"dense": dense})
+        params = list(trainer.model.parameters())
+        self.grads: list[list[torch.Tensor]] = []  # kept without a reference only
+        self.errors: list[list[float]] = []  # per step and tensor: ‖g − g_reference‖
+        self.relative: list[float] = []  # per step: ‖g − g_reference‖ / ‖g_reference‖
+        self.rollouts: list = []
+        generate, step = trainer.generate, trainer.optimizer.step
 
-    def noisy_step(*args, **kwargs):
-        if noise is not None:
-            for p, part in zip(params, noise[len(grads)].split([p.numel() for p in params]), strict=True):
-                p.grad += part.view_as(p.grad)
-        grads.append(torch.cat([p.grad.float().flatten() for p in params]))
-        return step(*args, **kwargs)
+        def sample_or_replay(rnd):
+            if rollouts is None:
+                generate(rnd)
+            else:
+                rnd.completions = copy.deepcopy(rollouts[len(self.rollouts)])
+                assert [c.prompt_ids for c in rnd.completions] == rnd.prompt_ids, "another run's prompts"
+            self.rollouts.append(copy.deepcopy(rnd.completions))
 
-    trainer.generate, trainer.optimizer.step = sample_or_replay, noisy_step
-    before = torch.cat([p.detach().float().flatten() for p in params])
-    for _ in range(cfg.train.steps):
-        trainer.step()
-        trainer.global_step += 1
-    trainer.close()
-    delta = torch.cat([p.detach().float().flatten() for p in params]) - before
-    return delta, grads, sampled, [p.numel() for p in params]
+        def noisy_step(*args, **kwargs):
+            k = len(self.errors) if reference is not None else len(self.grads)
+            if noise is not None:
+                for p, norm in zip(params, noise[k], strict=True):
+                    e = torch.randn(p.shape, generator=gen)
+                    p.grad += e / e.norm() * norm
+            grads = [p.grad.detach().float().clone() for p in params]
+            if reference is None:
+                self.grads.append(grads)
+            else:
+                diffs = [float((g - r).norm()) for g, r in zip(grads, reference[k], strict=True)]
+                self.errors.append(diffs)
+                total = sum(float(r.pow(2).sum()) for r in reference[k]) ** 0.5
+                self.relative.append(sum(d * d for d in diffs) ** 0.5 / total)
+            return step(*args, **kwargs)
+
+        trainer.generate, trainer.optimizer.step = sample_or_replay, noisy_step
+        before = [p.detach().float().clone() for p in params]
+        for _ in range(cfg.train.steps):
+            trainer.step()
+            trainer.global_step += 1
+        trainer.close()
+        self.delta = [p.detach().float() - b for p, b in zip(params, before, strict=True)]
 
 
 def main() -> None:
@@ -98,25 +105,23 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step")  # the wrapped step
     root = Path(tempfile.mkdtemp(prefix="bf16-masters-"))
-    full, g32, rollouts, sizes = run(root, a.config, a.overrides, "float32")
+    full = Run(a.config, a.overrides, "float32", root)
+    same = {"rollouts": full.rollouts, "reference": full.grads}
+    norm = sum(float(d.pow(2).sum()) for d in full.delta) ** 0.5
 
-    def report(name: str, delta: torch.Tensor, grads: list, *_: list) -> None:
-        err = sum(float((g - h).norm() / h.norm()) for g, h in zip(grads, g32, strict=True)) / len(grads)
-        diff, length = float((delta - full).norm() / full.norm()), float(delta.norm() / full.norm())
-        print(f"{name:<28} gradient error {100 * err:6.3f} %   update differs by {100 * diff:5.2f} %   "
-              f"length ratio {length:.4f}", flush=True)  # fmt: skip
+    def report(name: str, run: Run) -> None:
+        diff = sum(float((d - f).pow(2).sum()) for d, f in zip(run.delta, full.delta, strict=True)) ** 0.5 / norm
+        length = sum(float(d.pow(2).sum()) for d in run.delta) ** 0.5 / norm
+        print(f"{name:<28} gradient error {100 * sum(run.relative) / len(run.relative):6.3f} %   update differs by "
+              f"{100 * diff:5.2f} %   length ratio {length:.4f}", flush=True)  # fmt: skip
 
-    mixed, g16, *_ = bf16 = run(root, a.config, a.overrides, "bfloat16", rollouts=rollouts)
-    report("bf16 compute, fp32 masters", *bf16)
+    mixed = Run(a.config, a.overrides, "bfloat16", root, **same)
+    report("bf16 compute, fp32 masters", mixed)
     gen = torch.Generator().manual_seed(a.seed)
     for scale in a.scales:
-        noise = []
-        for h, g in zip(g32, g16, strict=True):
-            parts = [torch.randn(n, generator=gen) for n in sizes]
-            error = (g - h).split(sizes)
-            noise.append(torch.cat([e / e.norm() * d.norm() * scale for e, d in zip(parts, error, strict=True)]))
-        report(f"fp32 + {scale:g}x bf16-size noise", *run(root, a.config, a.overrides, "float32", rollouts=rollouts,
-                                                          noise=noise))  # fmt: skip
+        noise = [[e * scale for e in step] for step in mixed.errors]
+        report(f"fp32 + {scale:g}x bf16-size noise", Run(a.config, a.overrides, "float32", root, **same, noise=noise,
+                                                         gen=gen))  # fmt: skip
 
 
 if __name__ == "__main__":
