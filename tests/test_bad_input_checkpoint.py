@@ -97,6 +97,9 @@ RESUME_CASES = [
     pytest.param(lambda r: edit_config(r, "lr: 0.001", "lr: 0.01"), "error",
                  ["config.yaml was edited after step-000001 was written (changed: train.lr)"],
                  id="silent:train-lr-edited"),
+    pytest.param(lambda r: edit_config(r, "sharding: none", "sharding: fsdp"), "error",
+                 ["config.yaml was edited after step-000001 was written (changed: train.sharding)"],
+                 id="silent:train-sharding-edited"),  # a DDP checkpoint keys AdamW's state by position, not name
     pytest.param(lambda r: edit_config(r, "lr: 0.001", "lr: 0.01", keep_copy=False), "error",
                  ["train.lr=0.01 in", "was trained at 0.001", "restore train.lr=0.001"],
                  id="silent:train-lr-edited-old-checkpoint"),
