@@ -1,8 +1,9 @@
 """`rollout.engine=vllm`: generation with vLLM, colocated with the trainer (one instance per training process).
 
-vLLM holds its own copy of the weights: it loads the policy from a directory the engine writes once, and after every
-optimiser step `load_weights` pushes the trainer's weights into it (`reload_weights`, in-process) and resets its
-prefix cache, so that no prompt is served from keys and values computed under the old weights.
+vLLM holds its own copy of the weights: it starts from the policy's architecture alone (a directory with its
+config, dummy weights), then `load_weights` pushes the trainer's weights into it (`reload_weights`, in-process),
+at the start and after every optimiser step, and resets its prefix cache, so that no prompt is served from keys and
+values computed under the old weights.
 
 The `Completion` contract: token ids (prompt ids in, no tokenizer inside vLLM), the behaviour log-prob of each
 sampled token as log softmax(logits / temperature) unfiltered (`logprobs_mode="processed_logprobs"`; with top-p or
@@ -81,9 +82,10 @@ class VLLMEngine:
         self.tokenizer, self.options = tokenizer, options
         self.eos_ids = _eos_ids(model, tokenizer)
         self.sleeping = False
-        # vLLM loads a model from a directory: the policy as it is now (its weights are replaced after every step)
+        # vLLM starts from a model directory: only the architecture is written (`load_format="dummy"`), and the weights
+        # come from the policy in memory below, as after every step (no 30 GB float32 copy of a 7B model on disk)
         self.model_dir = Path(tempfile.mkdtemp(prefix="reasonrl-vllm-"))
-        model.save_pretrained(self.model_dir)
+        model.config.save_pretrained(self.model_dir)
         dtype = options.dtype if options.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
         self.dtype = getattr(torch, dtype)
         # several training processes: each starts its own instance inside the existing process group (TRL's colocate
@@ -107,11 +109,13 @@ class VLLMEngine:
                 enforce_eager=options.enforce_eager,
                 tensor_parallel_size=options.tensor_parallel_size,
                 logprobs_mode="processed_logprobs",
+                load_format="dummy",
                 **extra,
             )
         finally:
             torch.set_rng_state(rng)
         self._vllm = vllm
+        self.load_weights(model)
 
     @classmethod
     def from_config(cls, model: Any, tokenizer: Any, rollout: Any) -> VLLMEngine:
