@@ -2,7 +2,8 @@
 error of bf16's size sets under AdamW.
 
 Runs 10 RL steps at lr 1e-6 (no evaluation) of a tiny random Qwen2 (the embedded demo's, 32 wide) from one
-warm-start, or of a recipe's model (`--config`): float32, then on the same rollouts (the float32 run's, replayed)
+warm-start, or of a recipe's model (`--config`): float32; then, on its first step's rollouts, one loss pass's
+gradient error under bf16 and fp16 autocast (`pass_errors`); then, on the same rollouts (the float32 run's, replayed)
 `model.dtype=bfloat16` (`train.master_weights=fp32`) and float32 runs whose gradients get unbiased Gaussian noise,
 each tensor's noise as large as bf16's gradient error in that step times `--scales`. Prints each run's gradient
 error and the update's relative difference from float32, ‖Δ − Δfp32‖ / ‖Δfp32‖. (tests/test_options.py pins bf16 ≤
@@ -95,6 +96,42 @@ class Run:
         self.delta = [p.detach().float() - b for p, b in zip(params, before, strict=True)]
 
 
+def pass_errors(config: str | None, overrides: list[str], root: Path, rollouts: list) -> dict[str, list[float]]:
+    """One loss pass, no optimiser: the relative error, against float32, of the gradient of Σᵢ wᵢ · log π(completionᵢ)
+    under bf16 and fp16 autocast, for each completion of the first step alone (wᵢ = 1) and for the step's whole
+    batch with wᵢ = ±1 alternating within each group (advantage-like: terms cancel)."""
+    from reasonrl.config import load_config
+    from reasonrl.training.trainer import Trainer
+
+    out = Path(tempfile.mkdtemp(dir=root))
+    base = TINY if config is None else []
+    cfg = load_config(config, [*base, *COMMON, *overrides, "model.dtype=float32", f"train.output_dir={out}",
+                               f"warmstart.cache_dir={root / 'cache'}"])  # fmt: skip
+    trainer = Trainer(cfg, out / "run", reward_funcs={"dense": dense})
+    model, params = trainer.model, [p for p in trainer.model.parameters() if p.requires_grad]
+    device = next(model.parameters()).device.type
+
+    def gradient(completions: list, weights: list[float], dtype: torch.dtype | None) -> torch.Tensor:
+        model.zero_grad()
+        for c, w in zip(completions, weights, strict=True):
+            ids = torch.tensor([c.prompt_ids + c.token_ids], device=model.device)
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(input_ids=ids, use_cache=False).logits[0, len(c.prompt_ids) - 1 : -1]
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, len(c.prompt_ids) :, None]).sum()
+            (w * logp).backward()
+        return torch.cat([p.grad.detach().flatten().clone() for p in params])
+
+    errors: dict[str, list[float]] = {"bf16": [], "fp16": []}
+    G, batch = cfg.rollout.group_size, rollouts[0]
+    cases = [([c], [1.0]) for c in batch] + [(batch, [(-1.0) ** (i % G) for i in range(len(batch))])]
+    for completions, weights in cases:
+        exact = gradient(completions, weights, None)
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            errors[name].append(float((gradient(completions, weights, dtype) - exact).norm() / exact.norm()))
+    trainer.close()
+    return errors
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
@@ -107,6 +144,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bf16-masters-"))
     full = Run(a.config, a.overrides, "float32", root)
     same = {"rollouts": full.rollouts, "reference": full.grads}
+    for name, errors in pass_errors(a.config, a.overrides, root, full.rollouts).items():
+        single = ", ".join(f"{100 * e:.2f}" for e in errors[:-1])
+        print(f"one pass in {name}: gradient error {single} % (each completion alone), {100 * errors[-1]:.2f} % "
+              "(the step's batch, ±1 weights)", flush=True)  # fmt: skip
     norm = sum(float(d.pow(2).sum()) for d in full.delta) ** 0.5
 
     def report(name: str, run: Run) -> None:
