@@ -7,19 +7,21 @@ gradient error under bf16 and fp16 autocast (`pass_errors`); then, on the same r
 `model.dtype=bfloat16` (`train.master_weights=fp32`) and float32 runs whose gradients get unbiased Gaussian noise,
 each tensor's noise as large as bf16's gradient error in that step times `--scales`. Prints each run's gradient
 error and the update's relative difference from float32, ‖Δ − Δfp32‖ / ‖Δfp32‖. (tests/test_options.py pins bf16 ≤
-the 1× control on the tiny model.)
+the 1× control on the tiny model.) `--fp16` adds fp16 compute over float32 masters, patched in (`fp16_compute`).
 
-    python perf/bf16_masters.py
-    python perf/bf16_masters.py --config recipes/smollm2-arithmetic.yaml rollout.prompts_per_step=2 \
+    python perf/bf16_masters.py --fp16
+    python perf/bf16_masters.py --fp16 --config recipes/smollm2-arithmetic.yaml rollout.prompts_per_step=2 \
         rollout.group_size=4 rollout.max_new_tokens=32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -132,11 +134,38 @@ def pass_errors(config: str | None, overrides: list[str], root: Path, rollouts: 
     return errors
 
 
+@contextlib.contextmanager
+def fp16_compute(scale: float = 2.0**12) -> Iterator[None]:
+    """The loss passes under fp16 autocast with a static loss scale, over float32 weights. The trainer refuses fp16
+    on a CPU (accelerate would run it in float32 without saying so), so this patches the process helper's autocast,
+    backward and clipping for the measurement: the loss times `scale` before the backward, the gradients divided by
+    it (and checked finite) before clipping."""
+    from reasonrl.training.distributed import Processes
+
+    saved = Processes.autocast, Processes.backward, Processes.clip_grad_norm
+
+    def clip(self, parameters, max_norm):
+        parameters = [p for p in parameters if p.grad is not None]
+        for p in parameters:
+            p.grad /= scale
+            assert torch.isfinite(p.grad).all(), "fp16 overflow: lower the loss scale"
+        return saved[2](self, parameters, max_norm)
+
+    Processes.autocast = lambda self: torch.autocast(self.device.type, dtype=torch.float16)
+    Processes.backward = lambda self, loss: saved[1](self, loss * scale)
+    Processes.clip_grad_norm = clip
+    try:
+        yield
+    finally:
+        Processes.autocast, Processes.backward, Processes.clip_grad_norm = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     ap.add_argument("--seed", type=int, default=0, help="the noise's")
     ap.add_argument("--config", help="a recipe instead of the tiny model (e.g. recipes/smollm2-arithmetic.yaml)")
+    ap.add_argument("--fp16", action="store_true", help="also fp16 compute (patched in: see fp16_compute)")
     ap.add_argument("overrides", nargs="*", help="key=value on top")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -158,6 +187,9 @@ def main() -> None:
 
     mixed = Run(a.config, a.overrides, "bfloat16", root, **same)
     report("bf16 compute, fp32 masters", mixed)
+    if a.fp16:
+        with fp16_compute():
+            report("fp16 compute, fp32 masters", Run(a.config, a.overrides, "float32", root, **same))
     gen = torch.Generator().manual_seed(a.seed)
     for scale in a.scales:
         noise = [[e * scale for e in step] for step in mixed.errors]
