@@ -162,7 +162,7 @@ def fp16_compute(scale: float = 2.0**12) -> Iterator[None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
+    ap.add_argument("--scales", type=float, nargs="*", default=[1.0, 0.5, 0.25, 0.1], help="noise sizes (none: skip)")
     ap.add_argument("--seed", type=int, default=0, help="the noise's")
     ap.add_argument("--config", help="a recipe instead of the tiny model (e.g. recipes/smollm2-arithmetic.yaml)")
     ap.add_argument("--fp16", action="store_true", help="also fp16 compute (patched in: see fp16_compute)")
