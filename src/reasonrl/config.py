@@ -393,8 +393,8 @@ class TrainConfig:
     sharding: Literal["none", "fsdp"] = _opt(
         "none",
         "multi-process training: none (DDP, a full copy per process) | fsdp (torch FSDP2: parameters, gradients and "
-        "AdamW state sharded over the processes, whole weights gathered for sampling; docs/scale-out.md). One "
-        "process trains unsharded",
+        "AdamW state sharded over the processes; the whole weights gathered for sampling with fast/hf, or sent to "
+        "vLLM one tensor at a time after each step; docs/scale-out.md). One process trains unsharded",
     )
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
