@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +43,19 @@ def dense(prompts: list[str], completions: list[str], **columns) -> list[float]:
     return [len(c) / 10 + sum(map(ord, c)) % 7 / 7 for c in completions]
 
 
+def _trainer(config: str | None, overrides: list[str], dtype: str, root: Path) -> Any:
+    """A Trainer of the tiny model (or `config`'s) with COMMON and `overrides`, computing in `dtype`, in its own
+    directory under `root` (the warm-start cached there once)."""
+    from reasonrl.config import load_config
+    from reasonrl.training.trainer import Trainer
+
+    out = Path(tempfile.mkdtemp(dir=root))
+    base = TINY if config is None else []
+    cfg = load_config(config, [*base, *COMMON, *overrides, f"model.dtype={dtype}", f"train.output_dir={out}",
+                               f"warmstart.cache_dir={root / 'cache'}"])  # fmt: skip
+    return Trainer(cfg, out / "run", reward_funcs={"dense": dense})
+
+
 class Run:
     """One 10-step run. Gradients are compared with `reference` (a float32 run's, kept per step and tensor) as they
     come, so that only the float32 run's are held (a 135M model's ten steps take 5.4 GB); `noise`: per step and
@@ -50,15 +64,8 @@ class Run:
     def __init__(self, config: str | None, overrides: list[str], dtype: str, root: Path, *,
                  rollouts: list | None = None, reference: list | None = None, noise: list | None = None,
                  gen: torch.Generator | None = None) -> None:  # fmt: skip
-        from reasonrl.config import load_config
-        from reasonrl.training.trainer import Trainer
-
-        out = Path(tempfile.mkdtemp(dir=root))
-        base = TINY if config is None else []
-        cfg = load_config(config, [*base, *COMMON, *overrides, f"model.dtype={dtype}", f"train.output_dir={out}",
-                                   f"warmstart.cache_dir={root / 'cache'}"])  # fmt: skip
-        trainer = Trainer(cfg, out / "run", reward_funcs={"dense": dense})
-        params = list(trainer.model.parameters())
+        trainer = _trainer(config, overrides, dtype, root)
+        cfg, params = trainer.cfg, list(trainer.model.parameters())
         self.grads: list[list[torch.Tensor]] = []  # kept without a reference only
         self.errors: list[list[float]] = []  # per step and tensor: ‖g − g_reference‖
         self.relative: list[float] = []  # per step: ‖g − g_reference‖ / ‖g_reference‖
@@ -102,15 +109,9 @@ def pass_errors(config: str | None, overrides: list[str], root: Path, rollouts: 
     """One loss pass, no optimiser: the relative error, against float32, of the gradient of Σᵢ wᵢ · log π(completionᵢ)
     under bf16 and fp16 autocast, for each completion of the first step alone (wᵢ = 1) and for the step's whole
     batch with wᵢ = ±1 alternating within each group (advantage-like: terms cancel)."""
-    from reasonrl.config import load_config
-    from reasonrl.training.trainer import Trainer
-
-    out = Path(tempfile.mkdtemp(dir=root))
-    base = TINY if config is None else []
-    cfg = load_config(config, [*base, *COMMON, *overrides, "model.dtype=float32", f"train.output_dir={out}",
-                               f"warmstart.cache_dir={root / 'cache'}"])  # fmt: skip
-    trainer = Trainer(cfg, out / "run", reward_funcs={"dense": dense})
-    model, params = trainer.model, [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer = _trainer(config, overrides, "float32", root)
+    cfg, model = trainer.cfg, trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device.type
 
     def gradient(completions: list, weights: list[float], dtype: torch.dtype | None) -> torch.Tensor:
